@@ -1,0 +1,39 @@
+# Two commands matter: `make sweep` (run the default study) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# The offline default study never reaches a model hub; set HF_HUB_OFFLINE=0 to allow downloads.
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: install sweep test ui report lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	# animal-mnist declares tensorflow but only its data files are used: install without deps.
+	$(BIN)/python -m pip install -q --no-deps 'animal-mnist==0.4'
+	touch $(STAMP)
+
+sweep: install
+	$(BIN)/transferlab pretrain
+	$(BIN)/transferlab train -m +experiment=default
+	@echo "Browse the runs: make ui  (then open http://127.0.0.1:5000)"
+
+test: install
+	$(BIN)/python -m pytest -q
+
+ui: install
+	$(BIN)/transferlab ui
+
+report: install
+	$(BIN)/transferlab report --experiment default
+
+lint: install
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+clean:
+	rm -rf outputs multirun reports .pytest_cache

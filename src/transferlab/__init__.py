@@ -1,0 +1,3 @@
+"""transferlab: transfer-learning experiments over timm backbones, tracked in MLflow."""
+
+__version__ = "0.1.0"
