@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 
 sweep: install
 	$(BIN)/transferlab pretrain
-	$(BIN)/transferlab train -m +experiment=default
+	$(BIN)/transferlab train -m experiment=default
 	@echo "Browse the runs: make ui  (then open http://127.0.0.1:5000)"
 
 test: install

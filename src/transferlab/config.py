@@ -1,0 +1,84 @@
+"""Compose and validate configs. Validation runs once, before any weights or data are loaded."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, OmegaConf
+
+from transferlab.data import validate_data_config
+from transferlab.errors import ConfigError
+from transferlab.weights import validate_backbone_config
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+def compose_config(overrides: list[str] | tuple[str, ...] = (), hydra_cfg: bool = False) -> DictConfig:
+    """Compose `conf/config.yaml` with overrides, outside or inside a running Hydra app."""
+    try:
+        if GlobalHydra.instance().is_initialized():
+            return compose("config", overrides=list(overrides), return_hydra_config=hydra_cfg)
+        with initialize_config_dir(str(CONF_DIR), version_base=None):
+            return compose("config", overrides=list(overrides), return_hydra_config=hydra_cfg)
+    except ConfigError:
+        raise
+    except Exception as err:  # Hydra's composition errors span many types and lines
+        raise ConfigError(one_line(err)) from err
+
+
+def one_line(err: BaseException) -> str:
+    text = str(err).split("Config search path")[0]
+    text = re.sub(r"\s*\n\s*", "; ", text.strip())
+    return (
+        text.replace(":;", ":")
+        .replace("Set the environment variable HYDRA_FULL_ERROR=1 for a complete stack trace.", "")
+        .strip("; ")
+    )
+
+
+def sweep_choices(overrides: list[str], cfg: DictConfig | None = None) -> list[list[str]]:
+    """Override lists that together touch every value of every sweep (command line and an
+    experiment's `hydra.sweeper.params`), one sweep value at a time: a bad value in a 100-job
+    grid fails before the first job, at the cost of one compose per value, not per job."""
+    parser = OverridesParser.create()
+    parsed = parser.parse_overrides(overrides)
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+    sweeps = {o.get_key_element(): list(o.sweep_string_iterator()) for o in parsed if o.is_sweep_override()}
+    if cfg is not None:
+        for key, value in (OmegaConf.select(cfg, "hydra.sweeper.params") or {}).items():
+            override = parser.parse_override(f"{key}={value}")
+            sweeps.setdefault(
+                key,
+                list(override.sweep_string_iterator()) if override.is_sweep_override() else [str(value)],
+            )
+    first = [f"{k}={v[0]}" for k, v in sweeps.items()]
+    combos = [fixed + first]
+    for key, values in sweeps.items():
+        rest = [f for f in first if not f.startswith(f"{key}=")]
+        combos += [fixed + rest + [f"{key}={value}"] for value in values[1:]]
+    return combos
+
+
+def validate(cfg: DictConfig) -> None:
+    """Cheap checks of every group; each failure is one line naming the field and the fix."""
+    if missing := sorted(OmegaConf.missing_keys(cfg)):
+        raise ConfigError(f"{missing[0]} is required (it is ???): set it on the command line, e.g. {missing[0]}=...")
+    validate_backbone_config(cfg.backbone)
+    validate_data_config(cfg.data)
+    ft = cfg.finetune
+    if ft.freeze_depth != "all" and not (isinstance(ft.freeze_depth, int) and ft.freeze_depth >= 0):
+        raise ConfigError(f"finetune.freeze_depth={ft.freeze_depth!r} is invalid: use an integer >= 0 or 'all'")
+    if int(ft.head_epochs or 0) < 0 or int(ft.gradual_every) < 1:
+        raise ConfigError("finetune.head_epochs must be >= 0 and finetune.gradual_every >= 1")
+    if cfg.optim.name not in ("adamw", "sgd"):
+        raise ConfigError(f"optim.name={cfg.optim.name!r} is unknown: use adamw or sgd")
+    if cfg.optim.schedule not in ("cosine", "constant"):
+        raise ConfigError(f"optim.schedule={cfg.optim.schedule!r} is unknown: use cosine or constant")
+    if not float(cfg.optim.lr) > 0:
+        raise ConfigError(f"optim.lr={cfg.optim.lr} must be > 0")
+    if int(cfg.trainer.max_epochs) < 1:
+        raise ConfigError(f"trainer.max_epochs={cfg.trainer.max_epochs} must be >= 1")

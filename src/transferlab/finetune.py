@@ -1,0 +1,98 @@
+"""Freeze policy and the freeze-then-unfreeze schedule, as pure functions of the config.
+
+A run is a list of phases; each phase trains a fixed set of stages and runs as its own
+`Trainer.fit` with a fresh optimizer. That keeps DDP correct (Lightning re-wraps the model at
+each fit, so newly unfrozen parameters are synchronised: Lightning #20340) and never adds
+param groups to a live optimizer (which breaks torch schedulers). The learning rate is one
+function of the global step, so it is continuous across the switch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from omegaconf import DictConfig
+
+from transferlab.errors import ConfigError
+from transferlab.stages import StageMap
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    epochs: int
+    trainable: frozenset[int]  # backbone stage indices trained; the head always trains
+    patience: int | None = None  # end the phase early when val loss stalls this long
+
+
+def target_trainable(cfg: DictConfig, stages: StageMap, kept: int) -> frozenset[int]:
+    """Stages trained once fully unfrozen: `trainable_stages` if given, else all past `freeze_depth`.
+
+    `kept` is the number of stages left after truncation.
+    """
+    if cfg.trainable_stages is not None:
+        chosen = frozenset(stages.index(s) for s in cfg.trainable_stages)
+        if dropped := [stages.names[i] for i in chosen if i >= kept]:
+            raise ConfigError(
+                f"finetune.trainable_stages names {dropped}, which truncation removes: "
+                "lower finetune.truncate_after or drop them"
+            )
+        return chosen
+    depth = cfg.freeze_depth
+    if depth == "all":
+        return frozenset()
+    if not isinstance(depth, int) or not 0 <= depth <= len(stages.names):
+        raise ConfigError(f"finetune.freeze_depth={depth!r} is invalid: use 0..{len(stages.names)} or 'all'")
+    return frozenset(range(depth, kept))
+
+
+def plan_phases(cfg: DictConfig, max_epochs: int, target: frozenset[int]) -> list[Phase]:
+    """Head-only warm-up, then (optionally gradual, deepest stage first) unfreezing."""
+    head_epochs = int(cfg.head_epochs or 0)
+    if not target or head_epochs == 0 and not cfg.gradual:
+        return [Phase("train", max_epochs, target)]
+    if head_epochs >= max_epochs:
+        raise ConfigError(
+            f"finetune.head_epochs={head_epochs} leaves no epoch to fine-tune within "
+            f"trainer.max_epochs={max_epochs}: lower one or raise the other"
+        )
+    phases = [Phase("head", head_epochs, frozenset(), cfg.head_patience)] if head_epochs else []
+    left = max_epochs - head_epochs
+    if cfg.gradual:
+        order = sorted(target, reverse=True)
+        every = int(cfg.gradual_every)
+        for count in range(1, len(order)):
+            if left <= every:
+                break
+            phases.append(Phase(f"unfreeze{count}", every, frozenset(order[:count])))
+            left -= every
+    phases.append(Phase("finetune", left, target))
+    return phases
+
+
+def stage_lr_mults(cfg: DictConfig, stage_count: int) -> list[float]:
+    """LR multiplier of each backbone stage relative to the head (which gets 1.0).
+
+    Pretrained stages get `backbone_lr_mult`; `layer_decay` shrinks it further per stage
+    toward the stem, so early generic features move least.
+    """
+    decay = 1.0 if cfg.layer_decay is None else float(cfg.layer_decay)
+    if not 0 < decay <= 1:
+        raise ConfigError(f"finetune.layer_decay={decay} must lie in (0, 1]")
+    mult = float(cfg.backbone_lr_mult)
+    if mult < 0:
+        raise ConfigError(f"finetune.backbone_lr_mult={mult} must be >= 0")
+    return [mult * decay ** (stage_count - 1 - i) for i in range(stage_count)]
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
+    """Schedule value in [0, 1] at a global optimizer step: linear warm-up then cosine/constant."""
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    raise ConfigError(f"optim.schedule={schedule!r} is unknown: use cosine or constant")

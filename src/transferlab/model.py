@@ -1,0 +1,175 @@
+"""TransferModule: a timm backbone cut into stages, a fresh head, per-stage LRs and freezing."""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
+from transferlab.errors import ConfigError
+from transferlab.finetune import lr_factor, stage_lr_mults
+from transferlab.stages import StageMap
+
+
+def build_head(width: int, cfg: DictConfig, num_classes: int) -> nn.Sequential:
+    """Freshly initialised classifier, with optional hidden layers (Linear-ReLU-Dropout)."""
+    layers: list[nn.Module] = []
+    for hidden in cfg.hidden or []:
+        layers += [nn.Linear(width, int(hidden)), nn.ReLU(), nn.Dropout(float(cfg.dropout))]
+        width = int(hidden)
+    if cfg.dropout and not cfg.hidden:
+        layers.append(nn.Dropout(float(cfg.dropout)))
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
+
+
+class TransferModule(pl.LightningModule):
+    """Backbone (optionally truncated after a stage) + new head, trained phase by phase.
+
+    `set_trainable` applies a phase: frozen stages get requires_grad=False and their modules
+    stay in eval mode (BatchNorm running stats fixed, dropout off) even inside `train()`.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        stages: StageMap,
+        num_classes: int,
+        input_shape: tuple[int, int, int],
+        finetune: DictConfig,
+        optim: DictConfig,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.stages = stages
+        self.optim_cfg = optim
+        self.feature_index: int | None = None
+        self.kept = len(stages.names)
+        if finetune.truncate_after is not None:
+            self._truncate(stages.index(finetune.truncate_after))
+        with torch.no_grad():
+            width = self.features(torch.zeros(2, *input_shape)).shape[-1]
+        self.head = build_head(width, finetune.head, num_classes)
+        self.lr_mults = stage_lr_mults(finetune, self.kept)
+        self.trainable: frozenset[int] = frozenset(range(self.kept))
+        self._frozen_leaves: list[nn.Module] = []
+        # The LR schedule spans all phases; the runner sets where the current phase starts.
+        self.total_epochs = 1
+        self.epoch_offset = 0
+        metrics = {"num_classes": num_classes}
+        self.train_acc = MulticlassAccuracy(**metrics)
+        self.val_acc = MulticlassAccuracy(**metrics)
+        self.test_acc = MulticlassAccuracy(**metrics)
+        self.test_f1 = MulticlassF1Score(average="macro", **metrics)
+
+    def _truncate(self, stage: int) -> None:
+        if stage not in self.stages.feature_index:
+            usable = [self.stages.names[s] for s in sorted(self.stages.feature_index)]
+            raise ConfigError(
+                f"finetune.truncate_after={self.stages.names[stage]!r} has no feature output "
+                f"in this backbone: use one of {usable}"
+            )
+        if not hasattr(self.backbone, "forward_intermediates"):
+            raise ConfigError(
+                f"{type(self.backbone).__name__} cannot be truncated (no forward_intermediates): "
+                "set finetune.truncate_after=null"
+            )
+        self.feature_index = self.stages.feature_index[stage]
+        self.backbone.prune_intermediate_layers(indices=[self.feature_index], prune_norm=True, prune_head=True)
+        self.kept = stage + 1
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        if self.feature_index is None:
+            return self.backbone(x)  # num_classes=0: pooled pre-logits
+        (fmap,) = self.backbone.forward_intermediates(x, indices=[self.feature_index], intermediates_only=True)
+        return fmap.mean(dim=(2, 3)) if fmap.ndim == 4 else fmap.mean(dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    # --- freezing -------------------------------------------------------------------------
+    def set_trainable(self, stages: frozenset[int]) -> None:
+        self.trainable = frozenset(stages)
+        for name, param in self.backbone.named_parameters():
+            param.requires_grad_(self.stages.param_stage[name] in self.trainable)
+        self.head.requires_grad_(True)
+        self._frozen_leaves = [
+            module
+            for name, module in self.backbone.named_modules()
+            if not list(module.children()) and self.stages.module_stage.get(name, 0) not in self.trainable
+        ]
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> TransferModule:
+        super().train(mode)
+        for module in getattr(self, "_frozen_leaves", []):
+            module.train(False)
+        return self
+
+    def trainable_params(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    # --- optimisation ---------------------------------------------------------------------
+    def param_groups(self) -> list[dict]:
+        """One group per kept stage plus the head; all built up front, named for logging."""
+        base = float(self.optim_cfg.lr)
+        groups = [
+            {
+                "name": self.stages.names[i],
+                "params": self.stages.params_in(self.backbone, i),
+                "lr": base * self.lr_mults[i],
+                "stage": i,
+            }
+            for i in range(self.kept)
+        ]
+        groups.append({"name": "head", "params": list(self.head.parameters()), "lr": base, "stage": None})
+        return [g for g in groups if g["params"]]
+
+    def configure_optimizers(self):
+        cfg = self.optim_cfg
+        groups = self.param_groups()
+        if cfg.name == "adamw":
+            optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+        elif cfg.name == "sgd":
+            optimizer = torch.optim.SGD(groups, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        else:
+            raise ConfigError(f"optim.name={cfg.name!r} is unknown: use adamw or sgd")
+        steps_per_epoch = max(1, self.trainer.estimated_stepping_batches // self.trainer.max_epochs)
+        total = steps_per_epoch * self.total_epochs
+        offset = steps_per_epoch * self.epoch_offset
+        warmup = steps_per_epoch * int(cfg.warmup_epochs)
+
+        def factor_for(group: dict):
+            frozen = group["stage"] is not None and group["stage"] not in self.trainable
+            return lambda step: 0.0 if frozen else lr_factor(offset + step, total, warmup, cfg.schedule)
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [factor_for(g) for g in groups])
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    # --- steps ----------------------------------------------------------------------------
+    def _step(self, batch, split: str, accuracy: MulticlassAccuracy) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        accuracy(logits, y)
+        self.log(f"{split}/loss", loss, on_step=False, on_epoch=True, batch_size=len(y), sync_dist=True)
+        self.log(f"{split}/acc", accuracy, on_step=False, on_epoch=True, batch_size=len(y))
+        if split == "test":
+            self.test_f1(logits, y)
+            self.log("test/f1", self.test_f1, on_step=False, on_epoch=True, batch_size=len(y))
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train", self.train_acc)
+
+    def validation_step(self, batch, batch_idx):
+        self._step(batch, "val", self.val_acc)
+
+    def test_step(self, batch, batch_idx):
+        self._step(batch, "test", self.test_acc)

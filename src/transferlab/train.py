@@ -1,0 +1,199 @@
+"""run(cfg) -> metrics: build data, model and tracker, fit phase by phase, test, log compute."""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import EarlyStopping
+from safetensors.torch import save_file
+
+from transferlab.compute import FitTimer, layer_costs, peak_memory_mb, training_flops_per_sample
+from transferlab.config import validate
+from transferlab.data import build_datamodule
+from transferlab.finetune import Phase, plan_phases, target_trainable
+from transferlab.model import TransferModule
+from transferlab.stages import format_table, map_stages, stage_table
+from transferlab.tracking import (
+    EpochLogger,
+    RunTracker,
+    condition_hash,
+    config_hash,
+    flatten,
+    parent_run_id,
+)
+from transferlab.weights import create_backbone, input_spec
+
+
+def run(cfg: DictConfig, *, role: str = "job", backbone_out: Path | None = None) -> dict[str, float]:
+    """Train and test one job; every result lands in one MLflow run (marked FAILED on error)."""
+    validate(cfg)
+    from transferlab.pretrain import resolve_checkpoint  # may train the source model first
+
+    checkpoint, source_tags = resolve_checkpoint(cfg)
+    tracker = RunTracker(cfg.tracking)
+    tags = {
+        "transferlab.role": role,
+        "transferlab.config_hash": config_hash(cfg),
+        "transferlab.condition_hash": condition_hash(cfg),
+        "transferlab.seed": str(cfg.seed),
+        **source_tags,
+    }
+    tracker.start(_run_name(cfg), tags, parent_run_id() if role == "job" else None)
+    try:
+        metrics = _fit_and_test(cfg, tracker, checkpoint, backbone_out)
+    except BaseException:
+        tracker.end("FAILED" if tracker.run_id else "FINISHED")
+        raise
+    tracker.end()
+    return metrics
+
+
+def _run_name(cfg: DictConfig) -> str:
+    size = f"n{cfg.data.samples_per_class}" if cfg.data.samples_per_class else f"f{cfg.data.fraction}"
+    return f"{cfg.data.name}-{size}-{cfg.finetune.strategy}-s{cfg.seed}"
+
+
+def _fit_and_test(
+    cfg: DictConfig, tracker: RunTracker, checkpoint: Path | None, backbone_out: Path | None
+) -> dict[str, float]:
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    backbone = create_backbone(cfg.backbone, checkpoint)
+    stages = map_stages(backbone.model)
+    spec = input_spec(backbone.model, cfg.backbone)
+    data = build_datamodule(cfg.data, spec, int(cfg.seed))
+    module = TransferModule(
+        backbone.model,
+        stages,
+        data.num_classes,
+        (spec.in_chans, spec.size, spec.size),
+        cfg.finetune,
+        cfg.optim,
+    )
+    target = target_trainable(cfg.finetune, stages, module.kept)
+    epochs = _epochs(cfg.trainer, len(data.train_dataloader()))
+    phases = plan_phases(cfg.finetune, epochs, target)
+
+    tracker.set_tags({f"transferlab.backbone.{k}": v for k, v in backbone.tags.items()})
+    tracker.log_params(flatten(cfg) | _hydra_overrides())
+    tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+    tracker.log_text(format_table(stage_table(module.backbone, stages, spec.size, set(target))), "stages.md")
+    _log_hydra_dir(tracker)
+    counts = {f"data/{split}_size": sum(c.values()) for split, c in data.counts.items()}
+    tracker.log_metrics(counts | {f"data/{s}/{k}": v for s, c in data.counts.items() for k, v in c.items()})
+    tracker.set_tags(
+        {
+            "transferlab.subset_hash": data.subset_hash,
+            "transferlab.skipped_files": str(data.skipped),
+        }
+    )
+
+    costs = layer_costs(module, torch.zeros(1, spec.in_chans, spec.size, spec.size))
+    timer = FitTimer()
+    trainer, epoch, carried, train_flops = None, 0, 0, 0.0
+    module.total_epochs = epochs
+    val_every = max(1, epochs // int(cfg.trainer.max_epochs))
+    for phase in phases:
+        module.set_trainable(phase.trainable)
+        module.epoch_offset = epoch
+        newly = sorted(set(phase.trainable) - set().union(*(p.trainable for p in phases[: phases.index(phase)])))
+        tracker.log_metrics({f"unfrozen_at/{stages.names[s]}": epoch for s in newly}, step=epoch)
+        trainer = _trainer(cfg.trainer, phase, phase.epochs + carried, val_every, [EpochLogger(tracker), timer])
+        seen = timer.samples
+        trainer.fit(module, datamodule=data)
+        ran = trainer.current_epoch
+        carried = phase.epochs + carried - ran
+        epoch += ran
+        per_sample = training_flops_per_sample(module, costs)
+        train_flops += per_sample * (timer.samples - seen) * trainer.world_size
+        tracker.log_metrics({f"compute/{phase.name}_flops_per_sample": per_sample}, step=epoch)
+
+    tested = trainer.test(module, datamodule=data, verbose=False)[0]
+    metrics = {k: float(v) for k, v in tested.items()}
+    metrics |= {
+        "compute/train_flops": train_flops,
+        "compute/train_flops_per_sample": per_sample,
+        "compute/inference_flops_per_sample": sum(c.flops for c in costs),
+        "compute/fit_seconds": timer.seconds,
+        "compute/samples_per_second": timer.samples_per_second,
+        "compute/device_hours": timer.seconds * trainer.world_size / 3600,
+        "compute/trainable_params": float(module.trainable_params()),
+        "compute/epochs": float(epoch),
+        **{f"compute/{k}": v for k, v in peak_memory_mb().items()},
+        **counts,
+    }
+    tracker.log_metrics(metrics, step=epoch)
+    _save_weights(module, tracker, cfg.tracking.log_model, backbone_out)
+    return metrics
+
+
+def _epochs(cfg: DictConfig, steps_per_epoch: int) -> int:
+    """`max_epochs`, raised so that small data sets still get `min_steps` optimizer steps."""
+    return max(int(cfg.max_epochs), math.ceil(int(cfg.min_steps or 0) / max(1, steps_per_epoch)))
+
+
+def _trainer(cfg: DictConfig, phase: Phase, epochs: int, val_every: int, callbacks: list) -> pl.Trainer:
+    if phase.patience:
+        callbacks = [*callbacks, EarlyStopping("val/loss", patience=int(phase.patience))]
+    return pl.Trainer(
+        max_epochs=epochs,
+        accelerator=cfg.accelerator,
+        devices=cfg.devices,
+        num_nodes=cfg.num_nodes,
+        strategy=cfg.strategy,
+        precision=cfg.precision,
+        deterministic=cfg.deterministic,
+        fast_dev_run=cfg.fast_dev_run,
+        limit_train_batches=cfg.limit_train_batches,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        check_val_every_n_epoch=val_every,
+    )
+
+
+def _hydra_overrides() -> dict[str, str]:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return {"hydra.overrides": " ".join(HydraConfig.get().overrides.task)}
+    except ValueError:  # not launched by Hydra (tests, reproduce)
+        return {}
+
+
+def _log_hydra_dir(tracker: RunTracker) -> None:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        output = Path(HydraConfig.get().runtime.output_dir) / HydraConfig.get().output_subdir
+    except (ValueError, TypeError):
+        return
+    tracker.log_artifact(output, "hydra")
+
+
+def _save_weights(module: TransferModule, tracker: RunTracker, log_model: bool, backbone_out: Path | None) -> None:
+    """Final weights as safetensors: the whole model as an artifact, the (untruncated)
+    backbone where a source-model cache wants it."""
+    if tracker.run_id is None or not (log_model or backbone_out):
+        return
+    if backbone_out is not None:
+        backbone_out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = backbone_out.with_suffix(f".tmp{time.time_ns()}")
+        save_file({k: v.contiguous() for k, v in module.backbone.state_dict().items()}, str(tmp))
+        tmp.replace(backbone_out)  # atomic: a reader never sees half a file
+        (backbone_out.parent / "run.json").write_text(json.dumps({"run_id": tracker.run_id}))
+        tracker.log_artifact(backbone_out, "model")
+    if log_model:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "model.safetensors"
+            save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(path))
+            tracker.log_artifact(path, "model")

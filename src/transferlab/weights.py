@@ -1,0 +1,106 @@
+"""Build a timm backbone and load its starting weights: hub, scratch, file, MLflow run, source.
+
+Files are read with `torch.load(weights_only=True)` or safetensors only (via timm's loader):
+a checkpoint from a shared tracking server must not be able to run code.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import timm
+import torch
+from omegaconf import DictConfig
+from timm.models import adapt_input_conv, load_state_dict
+
+from transferlab.data import InputSpec
+from transferlab.errors import ConfigError
+
+
+@dataclass
+class Backbone:
+    model: torch.nn.Module
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+def validate_backbone_config(cfg: DictConfig) -> None:
+    """Cheap checks, before any weights are loaded or data decoded."""
+    if not timm.is_model(cfg.name.split(".")[0]):
+        close = difflib.get_close_matches(cfg.name, timm.list_models(), n=4)
+        hint = f" (similar: {', '.join(close)})" if close else ""
+        raise ConfigError(f"backbone.name={cfg.name!r} is not a timm model{hint}: see timm.list_models()")
+    if int(cfg.in_chans) < 1:
+        raise ConfigError(f"backbone.in_chans={cfg.in_chans} must be >= 1")
+    if cfg.input_size is not None and int(cfg.input_size) < 8:
+        raise ConfigError(f"backbone.input_size={cfg.input_size} is too small: use >= 8 px or null")
+
+
+def _create(cfg: DictConfig, pretrained: bool) -> torch.nn.Module:
+    kwargs = {k: v for k, v in dict(cfg.kwargs or {}).items() if v is not None}
+    if cfg.input_size is not None and "vit" in cfg.name and "img_size" not in kwargs:
+        kwargs.setdefault("dynamic_img_size", True)
+    return timm.create_model(cfg.name, pretrained=pretrained, num_classes=0, in_chans=int(cfg.in_chans), **kwargs)
+
+
+def create_backbone(cfg: DictConfig, checkpoint: Path | None = None) -> Backbone:
+    """`cfg.weights`: pretrained | scratch | a local file; `checkpoint` overrides it (resolved
+    `source` / `runs:/` weights)."""
+    tags = {"timm_version": timm.__version__}
+    weights = str(cfg.weights)
+    if checkpoint is None and weights not in ("pretrained", "scratch"):
+        checkpoint = Path(weights).expanduser()
+    if checkpoint is None:
+        try:
+            model = _create(cfg, pretrained=weights == "pretrained")
+        except Exception as err:  # hub errors come in many types (HTTP, offline, missing files)
+            raise ConfigError(
+                f"could not load timm pretrained weights for {cfg.name!r} ({type(err).__name__}); "
+                "offline? set backbone.weights=source, scratch or a local file"
+            ) from err
+        tags["pretrained_tag"] = model.pretrained_cfg.get("tag") or ""
+        tags["weights"] = weights
+        return Backbone(model, tags)
+    if not checkpoint.is_file():
+        raise ConfigError(f"backbone.weights file {str(checkpoint)!r} does not exist: give a .safetensors or .pth path")
+    model = _create(cfg, pretrained=False)
+    load_weights(model, checkpoint)
+    tags["weights"] = str(checkpoint)
+    return Backbone(model, tags)
+
+
+def load_weights(model: torch.nn.Module, path: Path) -> None:
+    """Load a backbone state dict, dropping classifier weights and adapting the first conv to
+    the model's input channels (timm sums RGB filters for 1 channel, repeats them for more)."""
+    state = load_state_dict(str(path), weights_only=True)
+    own = model.state_dict()
+    first_conv = model.pretrained_cfg.get("first_conv")
+    for name in [f"{first_conv}.weight"] if first_conv else []:
+        if name in state and name in own and state[name].shape[1] != own[name].shape[1]:
+            state[name] = adapt_input_conv(own[name].shape[1], state[name])
+    classifier = model.pretrained_cfg.get("classifier") or ""
+    state = {k: v for k, v in state.items() if not (classifier and k.startswith(f"{classifier}."))}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ConfigError(
+            f"weights in {path.name} do not fit {type(model).__name__} "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]}): check backbone.name"
+        )
+
+
+def input_spec(model: torch.nn.Module, cfg: DictConfig) -> InputSpec:
+    """Size and normalisation from the backbone's pretrained data config, fitted to in_chans."""
+    data_cfg = timm.data.resolve_model_data_config(model)
+    size = int(cfg.input_size or data_cfg["input_size"][-1])
+    chans = int(cfg.in_chans)
+    mean, std = _fit(tuple(data_cfg["mean"]), chans), _fit(tuple(data_cfg["std"]), chans)
+    return InputSpec(size, chans, mean, std, data_cfg.get("interpolation", "bilinear"))
+
+
+def _fit(values: tuple[float, ...], chans: int) -> tuple[float, ...]:
+    """Greyscale gets the average statistic; extra channels (depth, ...) get it appended."""
+    average = sum(values) / len(values)
+    if chans <= len(values):
+        return values if chans == len(values) else (average,) * chans
+    return values + (average,) * (chans - len(values))

@@ -1,0 +1,199 @@
+"""Report math on synthetic runs, plus one end-to-end report from a temporary MLflow store."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+from scipy import stats
+
+from transferlab.errors import ConfigError
+from transferlab.report import ci_halfwidth, pareto_front, summarize, verdict, write_report
+
+
+def _run(strategy: str, seed: int, acc: float, data: str = "similar", size: int = 30, **params):
+    """One loaded-run row as `load_runs` returns it; condition = all params except the seed."""
+    p = {"data.name": data, "finetune.strategy": strategy, "optim.lr": "0.01"} | params
+    return {
+        "run_id": f"{strategy}-{seed}-{acc}",
+        "condition_hash": repr(sorted(p.items())),
+        "seed": seed,
+        "test_acc": acc,
+        "train_size": size,
+        "train_flops": 1e12 if strategy == "fine_tune" else 3e11,
+        "train_flops_per_sample": 1e9,
+        "fit_seconds": 2.0,
+        "trainable_params": 1000,
+    } | {f"params.{k}": v for k, v in p.items()}
+
+
+def _row(summary: pd.DataFrame, strategy: str) -> pd.Series:
+    return summary.set_index("strategy").loc[strategy]
+
+
+def test_summary_mean_and_t_interval():
+    runs = pd.DataFrame([_run("probe", s, a) for s, a in enumerate([0.8, 0.9, 1.0])])
+    row = _row(summarize(runs).summary, "probe")
+    assert row["n"] == 3
+    assert row["acc_mean_pct"] == pytest.approx(90.0)
+    assert row["acc_std_pct"] == pytest.approx(10.0)
+    assert row["acc_ci95_pct"] == pytest.approx(stats.t.ppf(0.975, 2) * 10.0 / math.sqrt(3))
+    assert math.isnan(ci_halfwidth([0.5]))
+
+
+def test_single_seed_has_no_interval():
+    runs = pd.DataFrame([_run("probe", 0, 0.7), _run("scratch", 0, 0.6)])
+    tables = summarize(runs)
+    assert tables.summary["acc_ci95_pct"].isna().all()
+    assert tables.pairs["verdict"].tolist() == ["too few seeds"]
+
+
+def test_paired_verdicts_separate_signal_from_noise():
+    base = [0.60, 0.70, 0.80, 0.65]
+    small, large = [0, 0.01, -0.01, 0.005], [0.2, -0.15, 0.1, -0.12]
+    rows = [_run("scratch", s, a) for s, a in enumerate(base)]
+    rows += [_run("fine_tune", s, a + 0.10 + e) for s, (a, e) in enumerate(zip(base, small))]
+    rows += [_run("probe", s, a + e) for s, (a, e) in enumerate(zip(base, large))]
+    runs = pd.DataFrame(rows)
+    pairs = summarize(runs).pairs.set_index(["a", "b"])
+    ft = pairs.loc[("fine_tune", "scratch")]
+    assert ft["verdict"] == "A > B (significant)"
+    assert ft["diff_mean_pts"] == pytest.approx(10.125)
+    assert ft["n"] == 4
+    noisy = pairs.loc[("probe", "scratch")]
+    assert noisy["verdict"] == "within noise"
+    assert noisy["ci_low_pts"] < 0 < noisy["ci_high_pts"]
+
+
+def test_verdict_sign_and_edges():
+    assert verdict(-5.0, 1.0, 3) == "B > A (significant)"
+    assert verdict(5.0, 6.0, 3) == "within noise"
+    assert verdict(0.0, 0.0, 3) == "within noise"
+    assert verdict(5.0, math.nan, 1) == "too few seeds"
+
+
+def test_pairs_only_within_a_target_and_only_shared_seeds():
+    runs = pd.DataFrame(
+        [_run("scratch", s, 0.5) for s in range(3)]
+        + [_run("probe", s, 0.6) for s in (1, 2, 3)]
+        + [_run("probe", s, 0.9, data="digits", size=100) for s in range(3)]
+    )
+    tables = summarize(runs)
+    assert tables.summary["target"].tolist() == [
+        "digits / 100 train",
+        "similar / 30 train",
+        "similar / 30 train",
+    ]
+    (pair,) = tables.pairs.itertuples()
+    assert (pair.target, pair.a, pair.b, pair.n) == ("similar / 30 train", "probe", "scratch", 2)
+
+
+def test_varying_params_are_never_merged():
+    runs = pd.DataFrame(
+        [_run("fine_tune", s, 0.8, **{"optim.lr": "0.01"}) for s in range(2)]
+        + [_run("fine_tune", s, 0.7, **{"optim.lr": "0.001"}) for s in range(2)]
+        + [_run("probe", s, 0.6) for s in range(2)]
+    )
+    summary = summarize(runs).summary
+    assert sorted(summary["strategy"]) == [
+        "fine_tune (optim.lr=0.001)",
+        "fine_tune (optim.lr=0.01)",
+        "probe",
+    ]
+    assert summary["n"].tolist() == [2, 2, 2]
+
+
+def test_rerun_of_same_seed_counts_once():
+    runs = pd.DataFrame([_run("probe", 0, 0.1), _run("probe", 0, 0.9), _run("probe", 1, 0.8)])
+    runs["start_time"] = [1, 2, 3]
+    row = _row(summarize(runs).summary, "probe")
+    assert (row["n"], row["acc_mean_pct"]) == (2, pytest.approx(85.0))
+
+
+def test_pareto_front():
+    x = [1, 2, 2, 3, 4, 5]
+    y = [50, 70, 60, 65, 80, 80]
+    assert pareto_front(x, y) == [0, 1, 4]
+    assert pareto_front([], []) == []
+
+
+# --- end to end through MLflow ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One sqlite store for the module: creating the DB is the slow part (~1 s)."""
+    mlflow = pytest.importorskip("mlflow")
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root}/mlflow.db"
+    client = mlflow.MlflowClient(uri)
+    return uri, client, root
+
+
+def _log(client, exp_id, tags, params=None, metrics=None, status="FINISHED"):
+    from mlflow.entities import Metric, Param, RunTag
+
+    run_id = client.create_run(exp_id, tags=tags).info.run_id
+    client.log_batch(
+        run_id,
+        metrics=[Metric(k, v, 0, 0) for k, v in (metrics or {}).items()],
+        params=[Param(k, str(v)) for k, v in (params or {}).items()],
+        tags=[RunTag(k, v) for k, v in tags.items()],
+    )
+    client.set_terminated(run_id, status)
+    return run_id
+
+
+@pytest.mark.slow
+def test_write_report_end_to_end(store, tmp_path):
+    uri, client, root = store
+    exp_id = client.create_experiment("e2e", artifact_location=str(root / "artifacts"))
+    parent = _log(client, exp_id, {"transferlab.role": "sweep"})
+    _log(client, exp_id, {"transferlab.role": "pretrain"}, {"data.name": "source"}, {"test/acc": 1})
+    conditions = {  # strategy, lr -> per-seed test accuracy
+        ("scratch", "0.01"): [0.70, 0.60, 0.75],
+        ("fine_tune", "0.01"): [0.80, 0.71, 0.84],
+        ("fine_tune", "0.001"): [0.72, 0.61, 0.78],
+        ("probe", "0.01"): [0.85, 0.48, 0.80],
+    }
+    for (strategy, lr), accs in conditions.items():
+        for seed, acc in enumerate(accs):
+            params = {"seed": seed, "study": "e2e", "data.name": "similar", "optim.lr": lr}
+            params |= {"finetune.strategy": strategy, "data.samples_per_class": "10"}
+            metrics = {"test/acc": acc, "data/train_size": 30, "compute/fit_seconds": 1.5}
+            metrics |= {"compute/train_flops": 3e12 if strategy == "fine_tune" else 1e12}
+            metrics |= {"compute/train_flops_per_sample": 1e10, "compute/trainable_params": 5e5}
+            tags = {"transferlab.role": "job", "mlflow.parentRunId": parent}
+            tags |= {"transferlab.condition_hash": f"{strategy}-{lr}"}
+            _log(client, exp_id, tags, params, metrics)
+    bad = {"seed": 0, "data.name": "similar", "finetune.strategy": "scratch", "optim.lr": "0.01"}
+    _log(client, exp_id, {"transferlab.role": "job"}, bad, {"test/acc": 0.0}, status="FAILED")
+
+    report = write_report("e2e", tmp_path / "out", tracking_uri=uri)
+
+    names = {"report.md", "summary.csv", "pairs.csv", "accuracy_vs_compute.png"}
+    assert {p.name for p in report.parent.iterdir()} == names
+    summary = pd.read_csv(tmp_path / "out" / "summary.csv")
+    assert len(summary) == 4
+    assert summary["n"].tolist() == [3, 3, 3, 3]
+    assert _row(summary, "scratch")["acc_mean_pct"] == pytest.approx(68.333, abs=1e-3)
+    assert (summary["target"] == "similar / 30 train").all()
+    text = report.read_text()
+    assert "- 12 finished job runs counted; skipped: 1 job runs not FINISHED" in text
+    assert "fine_tune (optim.lr=0.01) > scratch by 10.0 pts" in text
+    assert "- similar / 30 train: probe vs scratch:" in text
+    assert f"sweep run: {parent}" in text
+    logged = {f.path for f in client.list_artifacts(parent, "report")}
+    assert logged == {f"report/{n}" for n in names}
+    print(text)
+
+
+def test_missing_experiment_is_a_config_error(store, tmp_path):
+    uri, client, _ = store
+    with pytest.raises(ConfigError, match="no MLflow experiment 'nope'"):
+        write_report("nope", tmp_path, tracking_uri=uri)
+    exp_id = client.create_experiment("only-pretrain")
+    _log(client, exp_id, {"transferlab.role": "pretrain"}, {"data.name": "source"})
+    with pytest.raises(ConfigError, match="no finished job runs"):
+        write_report("only-pretrain", tmp_path, tracking_uri=uri)
