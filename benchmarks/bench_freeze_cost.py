@@ -16,7 +16,7 @@ import torch
 from transferlab.compute import forward_flops, layer_costs, training_flops_per_sample
 
 CASES = [("resnet18", 64, 32), ("test_resnet", 32, 64)]  # model, image px, batch
-WARMUP, REPS = 2, 9
+WARMUP, MIN_REPS, MAX_REPS, SECONDS_PER_CASE = 2, 3, 200, 20.0
 
 
 def _set_frozen(model: torch.nn.Module, frozen: set[str]) -> None:
@@ -42,25 +42,31 @@ def bench(name: str, size: int, batch: int) -> list[str]:
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizers.append(torch.optim.SGD(trainable, lr=1e-3, momentum=0.9))
 
-    times: list[list[float]] = [[] for _ in groups]
-    for rep in range(WARMUP + REPS):
-        for k, (frozen, opt) in enumerate(zip(frozen_sets, optimizers)):
+    def round_robin() -> list[float]:
+        out = []
+        for frozen, opt in zip(frozen_sets, optimizers):
             _set_frozen(model, frozen)
             model.zero_grad(set_to_none=True)
             start = time.perf_counter()
             torch.nn.functional.cross_entropy(model(x), y).backward()
             opt.step()
-            if rep >= WARMUP:
-                times[k].append(time.perf_counter() - start)
+            out.append(time.perf_counter() - start)
+        return out
 
-    medians = [statistics.median(t) for t in times]
+    for _ in range(WARMUP):
+        round_robin()
+    times, deadline = [], time.perf_counter() + SECONDS_PER_CASE  # tiny models get more rounds
+    while len(times) < MIN_REPS or (len(times) < MAX_REPS and time.perf_counter() < deadline):
+        times.append(round_robin())
+    reps = len(times)
+    medians = [statistics.median(t) for t in zip(*times)]
     rows = []
     for k in range(len(groups)):
         pred, meas = predicted[k] / predicted[0], medians[k] / medians[0]
         frozen_label = ", ".join(labels[:k]) or "none"
         rows.append(
             f"| {name} | {size} | {k} | {frozen_label} | {predicted[k] / forward_flops(costs):.2f} "
-            f"| {pred:.2f} | {meas:.2f} | {meas / pred:.2f} |"
+            f"| {pred:.2f} | {meas:.2f} | {meas / pred:.2f} | {reps} |"
         )
     return rows
 
@@ -70,14 +76,15 @@ def main() -> None:
     torch.manual_seed(0)
     print(
         "| model | px | k | frozen groups | train/fwd FLOPs | predicted ratio | measured ratio "
-        "| measured/predicted |"
+        "| measured/predicted | rounds |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for case in CASES:
         print("\n".join(bench(*case)))
     print(
-        f"\nratio = cost at freeze depth k / cost at k=0 (full fine-tune); measured = median of "
-        f"{REPS} fwd+bwd+SGD steps after {WARMUP} warmup, torch threads = 2."
+        "\nratio = cost at freeze depth k / cost at k=0 (full fine-tune); measured = median of "
+        f"fwd+bwd+SGD steps over round-robin rounds (~{SECONDS_PER_CASE:.0f} s per model after "
+        f"{WARMUP} warmup), torch threads = 2."
     )
 
 

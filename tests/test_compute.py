@@ -72,11 +72,7 @@ def test_vit_counts_attention_matmuls():
     def record(module, args, out):
         shapes[module] = out.shape
 
-    hooks = [
-        m.register_forward_hook(record)
-        for m in model.modules()
-        if isinstance(m, nn.Linear | nn.Conv2d)
-    ]
+    hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d)]
     with torch.no_grad():
         model(example)
     for h in hooks:

@@ -41,7 +41,7 @@ def resolve_checkpoint(cfg: DictConfig) -> tuple[Path | None, dict[str, str]]:
 
 def source_config(cfg: DictConfig) -> DictConfig:
     """The source task for this run's backbone, logged to the same store, from random init."""
-    src = compose_config([f"experiment={cfg.backbone.source}"])
+    src = compose_config([f"experiment={cfg.backbone.source}", *cfg.backbone.get("source_overrides", [])])
     backbone = OmegaConf.to_container(cfg.backbone, resolve=True) | {"weights": "scratch"}
     OmegaConf.update(src, "backbone", backbone, merge=False)
     OmegaConf.update(

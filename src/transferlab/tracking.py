@@ -165,13 +165,16 @@ class EpochLogger(pl.Callback):
         if not trainer.is_global_zero or trainer.sanity_checking:
             return
         epoch = module.epoch_offset + trainer.current_epoch
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))}
+        validated = (trainer.current_epoch + 1) % trainer.check_val_every_n_epoch == 0
+        prefixes = ("train/", "val/") if validated else ("train/",)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(prefixes)}
         for group in trainer.optimizers[0].param_groups:
             metrics[f"lr/{group['name']}"] = float(group["lr"])
         metrics["trainable_params"] = float(module.trainable_params())
         self.tracker.log_metrics(metrics, step=epoch)
         shown = " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()) if k.endswith(("acc", "loss")))
-        print(f"epoch {epoch}: {shown}", flush=True)
+        if validated:
+            print(f"epoch {epoch}: {shown}", flush=True)
 
 
 def parent_run_id() -> str | None:

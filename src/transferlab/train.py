@@ -31,7 +31,9 @@ from transferlab.tracking import (
 from transferlab.weights import create_backbone, input_spec
 
 
-def run(cfg: DictConfig, *, role: str = "job", backbone_out: Path | None = None) -> dict[str, float]:
+def run(
+    cfg: DictConfig, *, role: str = "job", backbone_out: Path | None = None, extra_tags: dict[str, str] | None = None
+) -> dict[str, float]:
     """Train and test one job; every result lands in one MLflow run (marked FAILED on error)."""
     validate(cfg)
     from transferlab.pretrain import resolve_checkpoint  # may train the source model first
@@ -44,6 +46,7 @@ def run(cfg: DictConfig, *, role: str = "job", backbone_out: Path | None = None)
         "transferlab.condition_hash": condition_hash(cfg),
         "transferlab.seed": str(cfg.seed),
         **source_tags,
+        **(extra_tags or {}),
     }
     tracker.start(_run_name(cfg), tags, parent_run_id() if role == "job" else None)
     try:

@@ -1,0 +1,94 @@
+"""Rerun a job from the config logged with it in MLflow, not from today's conf/ files.
+
+The logged config is data, but a `_target_` in it would name code: anything outside the
+packages transferlab builds from is refused, so a shared tracking server cannot become a
+way to run arbitrary code on the machine that reproduces a run.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from omegaconf import DictConfig, OmegaConf
+
+from transferlab.errors import ConfigError
+from transferlab.tracking import tracking_uri
+
+ALLOWED_TARGETS = ("transferlab.", "torch.", "timm.", "pytorch_lightning.", "lightning.", "torchmetrics.")
+COMPARED = ("test/acc", "test/f1", "test/loss", "compute/train_flops")
+
+
+@dataclass
+class Reproduction:
+    run_id: str
+    new_run_id: str
+    original: dict[str, float]
+    new: dict[str, float]
+
+    @property
+    def table(self) -> str:
+        lines = [f"| metric | {self.run_id[:8]} (logged) | {self.new_run_id[:8]} (rerun) | diff |", "|---|---|---|---|"]
+        for key in COMPARED:
+            old, new = self.original.get(key), self.new.get(key)
+            diff = "" if old is None or new is None else f"{new - old:+.6g}"
+            lines.append(f"| {key} | {old} | {new} | {diff} |")
+        return "\n".join(lines)
+
+
+def check_targets(node: object, path: str = "") -> None:
+    """Refuse `_target_`s outside the allowed packages, anywhere in the config."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "_target_" and not str(value).startswith(ALLOWED_TARGETS):
+                raise ConfigError(
+                    f"logged config sets {path}_target_={value!r}, outside {', '.join(ALLOWED_TARGETS)}: "
+                    "refusing to run it"
+                )
+            check_targets(value, f"{path}{key}.")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            check_targets(value, f"{path}{i}.")
+
+
+def logged_config(client: mlflow.MlflowClient, run_id: str) -> DictConfig:
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = client.download_artifacts(run_id, "config.yaml", tmp)
+        except (MlflowException, OSError) as err:
+            raise ConfigError(
+                f"run {run_id} has no logged config.yaml ({type(err).__name__}): was it made by transferlab?"
+            ) from err
+        cfg = OmegaConf.load(Path(path))
+    check_targets(OmegaConf.to_container(cfg, resolve=False))
+    return cfg
+
+
+def reproduce(run_id: str, uri: str | None = None) -> Reproduction:
+    """Rerun `run_id` as a new run tagged `reproduced_from`, in the same store."""
+    from transferlab.train import run
+
+    uri = uri or tracking_uri(OmegaConf.create({"uri": None}))
+    client = mlflow.MlflowClient(uri)
+    try:
+        original = client.get_run(run_id)
+    except MlflowException as err:
+        raise ConfigError(
+            f"run {run_id!r} is not in the tracking store {uri}: check the id and MLFLOW_TRACKING_URI"
+        ) from err
+    cfg = logged_config(client, run_id)
+    cfg.tracking.uri = uri
+    source = original.data.tags.get("transferlab.source_run_id")
+    if cfg.backbone.weights == "source" and source:  # the exact source weights, not today's recipe
+        cfg.backbone.weights = f"runs:/{source}/model/backbone.safetensors"
+    new = run(cfg, extra_tags={"reproduced_from": run_id})
+    found = client.search_runs(
+        [original.info.experiment_id],
+        f"tags.reproduced_from = '{run_id}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return Reproduction(run_id, found[0].info.run_id if found else "?", dict(original.data.metrics), new)
