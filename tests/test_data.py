@@ -203,9 +203,7 @@ def test_augment_is_per_sample_and_keeps_shape():
         assert out.shape == (8, 3, 16, 16)
         assert out.dtype == torch.float32
         assert not all(torch.equal(out[0], out[i]) for i in range(1, 8))
-    torch.testing.assert_close(
-        BatchTransform(RGB16).normalise(x), x.float().expand(-1, 3, -1, -1) / 255
-    )
+    torch.testing.assert_close(BatchTransform(RGB16).normalise(x), x.float().expand(-1, 3, -1, -1) / 255)
 
 
 # --- imagefolder ---------------------------------------------------------------------------
@@ -325,14 +323,10 @@ def test_fake_cifar10_uses_official_test_split(tmp_path, monkeypatch):
         data = rng.integers(0, 255, size=(n, 3072), dtype=np.uint8)
         return {"data": data, "labels": [i % 10 for i in range(n)]}
 
-    monkeypatch.setattr(
-        CIFAR10, "train_list", [dump(f"data_batch_{i}", batch(10)) for i in range(1, 6)]
-    )
+    monkeypatch.setattr(CIFAR10, "train_list", [dump(f"data_batch_{i}", batch(10)) for i in range(1, 6)])
     monkeypatch.setattr(CIFAR10, "test_list", [dump("test_batch", batch(20))])
     meta = dump("batches.meta", {"label_names": names})
-    monkeypatch.setattr(
-        CIFAR10, "meta", {"filename": meta[0], "key": "label_names", "md5": meta[1]}
-    )
+    monkeypatch.setattr(CIFAR10, "meta", {"filename": meta[0], "key": "label_names", "md5": meta[1]})
 
     cfg = data_cfg(source="cifar10", classes=None, root=str(tmp_path), val_fraction=0.2)
     dm = build_datamodule(cfg, RGB16, seed=0)
@@ -348,9 +342,7 @@ def test_fake_cifar10_uses_official_test_split(tmp_path, monkeypatch):
 def test_fake_eurosat_is_carved(tmp_path):
     for k, cls in enumerate(["Forest", "River"]):
         write_images(tmp_path / "eurosat" / "2750" / cls, 10, k)
-    cfg = data_cfg(
-        source="eurosat", classes=None, root=str(tmp_path), val_fraction=0.2, test_fraction=0.2
-    )
+    cfg = data_cfg(source="eurosat", classes=None, root=str(tmp_path), val_fraction=0.2, test_fraction=0.2)
     dm = build_datamodule(cfg, RGB16, seed=0)
     assert dm.class_names == ["Forest", "River"]
     assert dm.counts["test"] == {"Forest": 2, "River": 2}
@@ -359,7 +351,5 @@ def test_fake_eurosat_is_carved(tmp_path):
 @pytest.mark.parametrize("source", ["cifar10", "pets", "food101"])
 def test_torchvision_offline_without_files(tmp_path, source):
     cfg = data_cfg(source=source, classes=None, root=str(tmp_path / "nothing"))
-    with pytest.raises(
-        DataError, match=rf"{source} not found under data.root=.*nothing.*download=true"
-    ):
+    with pytest.raises(DataError, match=rf"{source} not found under data.root=.*nothing.*download=true"):
         build_datamodule(cfg, RGB16, seed=0)

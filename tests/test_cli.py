@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+import pytest
+from conftest import FAST
+
+from transferlab.cli import main
+from transferlab.config import compose_config, sweep_choices, validate
+from transferlab.errors import ConfigError
+
+
+def test_stages_command_prints_the_table(capsys) -> None:
+    assert main(["stages", "test_resnet", "--input-size", "32"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| st")][1:]
+    assert [r.split("|")[1].strip() for r in rows] == ["stem", "stage1", "stage2", "stage3", "stage4"]
+    assert "16x16" in out  # stage1 output resolution at 32 px
+
+
+def test_unknown_backbone_is_one_line_error(capsys) -> None:
+    assert main(["stages", "resnet_nope"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "not a timm model" in err
+
+
+def test_sweep_choices_touch_every_value_once() -> None:
+    combos = sweep_choices(["a=1", "b=x,y,z", "c=p,q"])
+    assert combos[0] == ["a=1", "b=x", "c=p"]
+    assert len(combos) == 1 + 2 + 1  # first combo, then each remaining value once
+    seen = {o for combo in combos for o in combo}
+    assert {"b=x", "b=y", "b=z", "c=p", "c=q"} <= seen
+
+
+def test_experiment_grid_values_are_validated() -> None:
+    base = compose_config(["experiment=default"], hydra_cfg=True)
+    combos = sweep_choices(["experiment=default"], base)
+    assert any("finetune=probe_early" in c for c in combos)
+    assert any("data=digits" in c for c in combos)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data=nope", "Could not find 'data/nope'"),
+        ("optim.lr=0", "optim.lr"),
+        ("optim.schedule=linear", "cosine or constant"),
+        ("trainer.max_epochs=0", "max_epochs"),
+        ("data=imagefolder", "data.root is required"),
+    ],
+)
+def test_bad_config_values_name_the_field(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as err:
+        validate(compose_config([*FAST, override]))
+    assert "\n" not in str(err.value)

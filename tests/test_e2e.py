@@ -1,0 +1,122 @@
+"""End to end: real sweeps and runs into a temporary MLflow store, checked by reading it back."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+from conftest import FAST
+
+from transferlab.config import compose_config
+from transferlab.errors import ConfigError
+from transferlab.reproduce import check_targets, reproduce
+from transferlab.train import run
+
+pytestmark = pytest.mark.slow
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "transferlab", *args], cwd=cwd, env=env, capture_output=True, text=True
+    )
+
+
+def _runs(uri: str, experiment: str) -> list:
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"experiment {experiment} was not created"
+    return client.search_runs([exp.experiment_id])
+
+
+def test_multirun_logs_one_child_run_per_job(store: str, tmp_path: Path) -> None:
+    result = _cli("train", "-m", *FAST, "study=e2e", "finetune.freeze_depth=0,all", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = _runs(store, "e2e")
+    jobs = [r for r in runs if r.data.tags.get("transferlab.role") == "job"]
+    (parent,) = [r for r in runs if r.data.tags.get("transferlab.role") == "sweep"]
+    assert len(jobs) == 2
+    assert {r.info.status for r in jobs} == {"FINISHED"} and parent.info.status == "FINISHED"
+    assert {r.data.tags["mlflow.parentRunId"] for r in jobs} == {parent.info.run_id}
+    assert {r.data.params["finetune.freeze_depth"] for r in jobs} == {"0", "all"}
+    by_depth = {r.data.params["finetune.freeze_depth"]: r for r in jobs}
+    client = mlflow.MlflowClient(store)
+    for r in jobs:
+        assert 0.0 <= r.data.metrics["test/acc"] <= 1.0
+        assert r.data.params["data.source"] == "digits" and r.data.params["seed"] == "0"
+        assert len(client.get_metric_history(r.info.run_id, "train/loss")) == 1  # one per epoch
+        assert "hydra.overrides" in r.data.params
+        names = {a.path for a in client.list_artifacts(r.info.run_id)}
+        assert {"config.yaml", "stages.md", "hydra", "model"} <= names
+    # Probing trains only the head: far fewer trainable parameters and FLOPs than fine-tuning.
+    full, probe = by_depth["0"].data.metrics, by_depth["all"].data.metrics
+    assert probe["compute/trainable_params"] < full["compute/trainable_params"]
+    assert probe["compute/train_flops_per_sample"] < 0.5 * full["compute/train_flops_per_sample"]
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "report")} >= {"report/report.md"}
+
+
+def test_bad_overrides_fail_before_training_with_one_line(tmp_path: Path) -> None:
+    for args in (
+        ["backbone=nope"],
+        ["backbone.name=resnet99"],
+        ["-m", "backbone.name=test_resnet,resnet99"],
+        ["finetune.freeze_depth=-2"],
+    ):
+        result = _cli("train", *FAST, *args, cwd=tmp_path)
+        assert result.returncode == 2, (args, result.stderr[-2000:])
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("transferlab train: error:"), lines
+    assert not (tmp_path / "mlflow.db").exists()  # nothing was started
+
+
+def test_reproduce_gives_identical_metrics(store: str) -> None:
+    cfg = compose_config([*FAST, "study=repro", "finetune=head_then_all", "trainer.max_epochs=3"])
+    first = run(cfg)
+    (logged,) = _runs(store, "repro")
+    again = reproduce(logged.info.run_id)
+    assert again.new["test/acc"] == first["test/acc"]
+    assert again.new["test/loss"] == first["test/loss"]
+    new = mlflow.MlflowClient(store).get_run(again.new_run_id)
+    assert new.data.tags["reproduced_from"] == logged.info.run_id
+    assert "test/acc" in again.table
+
+
+def test_reproduce_refuses_foreign_targets() -> None:
+    check_targets({"optim": {"_target_": "torch.optim.AdamW"}})
+    with pytest.raises(ConfigError, match="os.system"):
+        check_targets({"callbacks": [{"_target_": "os.system", "command": "rm -rf /"}]})
+
+
+def test_source_model_is_trained_once_and_reused(store: str, tmp_path: Path) -> None:
+    source = "[data.samples_per_class=5,trainer.max_epochs=1,trainer.min_steps=0,data.augment=none]"
+    overrides = [*FAST, "study=transfer", "backbone.weights=source", f"backbone.source_overrides={source}"]
+    run(compose_config([*overrides, "seed=0"]))
+    run(compose_config([*overrides, "seed=1"]))
+    (pretrain,) = _runs(store, "sources")
+    assert pretrain.data.tags["transferlab.role"] == "pretrain"
+    targets = _runs(store, "transfer")
+    assert len(targets) == 2
+    assert {r.data.tags["transferlab.source_run_id"] for r in targets} == {pretrain.info.run_id}
+    assert list((tmp_path / ".transferlab" / "sources").glob("*/backbone.safetensors"))
+
+
+@pytest.mark.parametrize(
+    "experiment", sorted(p.stem for p in (Path(__file__).parents[1] / "experiments").glob("*.yaml"))
+)
+def test_every_experiment_runs(experiment: str, store: str) -> None:
+    """Smoke: each named study composes, validates and trains one batch."""
+    cfg = compose_config(
+        [
+            f"experiment={experiment}",
+            "backbone.weights=scratch",
+            "trainer.fast_dev_run=true",
+            "data.samples_per_class=3",
+            "study=smoke",
+        ]
+    )
+    metrics = run(cfg)
+    assert 0.0 <= metrics["test/acc"] <= 1.0

@@ -1,0 +1,83 @@
+from __future__ import annotations
+
+import mlflow
+import pytest
+from conftest import FAST
+from omegaconf import OmegaConf
+from pytorch_lightning.utilities import rank_zero_only
+
+from transferlab.config import compose_config
+from transferlab.tracking import RunTracker, condition_hash, config_hash, experiment_id, flatten, tracking_uri
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return compose_config(FAST)
+
+
+def test_flatten_covers_every_leaf(cfg) -> None:
+    flat = flatten(cfg)
+    assert flat["backbone.name"] == "test_resnet"
+    assert flat["finetune.head.hidden"] == "[]"
+    assert flat["data.classes"] == "None"
+    leaves = OmegaConf.to_container(cfg, resolve=True)
+    assert len(flat) == sum(1 for _ in _leaves(leaves))
+
+
+def _leaves(node):
+    if isinstance(node, dict) and node:
+        for value in node.values():
+            yield from _leaves(value)
+    else:
+        yield node
+
+
+def test_hashes_are_stable_and_scoped(cfg) -> None:
+    other_seed = compose_config([*FAST, "seed=1"])
+    other_store = compose_config([*FAST, "tracking.uri=sqlite:///elsewhere.db"])
+    assert config_hash(cfg) == config_hash(compose_config(FAST))
+    assert config_hash(cfg) != config_hash(other_seed)
+    assert condition_hash(cfg) == condition_hash(other_seed)  # seeds pool into one condition
+    assert config_hash(cfg) == config_hash(other_store)  # where it is logged is not what it computes
+    assert condition_hash(cfg) != condition_hash(compose_config([*FAST, "finetune=probe"]))
+
+
+def test_tracking_uri_precedence(monkeypatch, tmp_path) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking_uri(OmegaConf.create({"uri": None})) == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///env.db")
+    assert tracking_uri(OmegaConf.create({"uri": None})) == "sqlite:///env.db"
+    assert tracking_uri(OmegaConf.create({"uri": "sqlite:///cfg.db"})) == "sqlite:///cfg.db"
+
+
+def test_only_rank_zero_creates_runs(store, cfg, monkeypatch) -> None:
+    tracking = OmegaConf.merge(cfg.tracking, {"experiment": "ranks"})
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    other = RunTracker(tracking)
+    other.start("job", {})
+    other.log_metrics({"a": 1.0})
+    other.end()
+    assert other.run_id is None
+    monkeypatch.setattr(rank_zero_only, "rank", 0)
+    zero = RunTracker(tracking)
+    zero.start("job", {"transferlab.role": "job"})
+    zero.log_params({"p": "x" * 7000})  # long values are cut to MLflow's limit, not rejected
+    zero.end()
+    client, exp = experiment_id(tracking)
+    (only,) = client.search_runs([exp])
+    assert only.info.status == "FINISHED" and len(only.data.params["p"]) == 6000
+
+
+def test_failed_run_is_marked_failed(store, monkeypatch) -> None:
+    from transferlab import train
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(train, "_fit_and_test", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        train.run(compose_config([*FAST, "study=fails"]))
+    client = mlflow.MlflowClient(store)
+    (failed,) = client.search_runs([client.get_experiment_by_name("fails").experiment_id])
+    assert failed.info.status == "FAILED"
