@@ -1,8 +1,8 @@
 from __future__ import annotations
 
 import pytest
-from conftest import FAST
 
+from conftest import FAST
 from transferlab.cli import main
 from transferlab.config import compose_config, sweep_choices, validate
 from transferlab.errors import ConfigError
@@ -19,7 +19,8 @@ def test_stages_command_prints_the_table(capsys) -> None:
 def test_unknown_backbone_is_one_line_error(capsys) -> None:
     assert main(["stages", "resnet_nope"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "not a timm model" in err
+    assert err.count("\n") == 0
+    assert "not a timm model" in err
 
 
 def test_sweep_choices_touch_every_value_once() -> None:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import FAST
 
+from conftest import FAST
 from transferlab.config import compose_config
 from transferlab.errors import ConfigError
 from transferlab.reproduce import check_targets, reproduce
@@ -40,14 +40,16 @@ def test_multirun_logs_one_child_run_per_job(store: str, tmp_path: Path) -> None
     jobs = [r for r in runs if r.data.tags.get("transferlab.role") == "job"]
     (parent,) = [r for r in runs if r.data.tags.get("transferlab.role") == "sweep"]
     assert len(jobs) == 2
-    assert {r.info.status for r in jobs} == {"FINISHED"} and parent.info.status == "FINISHED"
+    assert {r.info.status for r in jobs} == {"FINISHED"}
+    assert parent.info.status == "FINISHED"
     assert {r.data.tags["mlflow.parentRunId"] for r in jobs} == {parent.info.run_id}
     assert {r.data.params["finetune.freeze_depth"] for r in jobs} == {"0", "all"}
     by_depth = {r.data.params["finetune.freeze_depth"]: r for r in jobs}
     client = mlflow.MlflowClient(store)
     for r in jobs:
         assert 0.0 <= r.data.metrics["test/acc"] <= 1.0
-        assert r.data.params["data.source"] == "digits" and r.data.params["seed"] == "0"
+        assert r.data.params["data.source"] == "digits"
+        assert r.data.params["seed"] == "0"
         assert len(client.get_metric_history(r.info.run_id, "train/loss")) == 1  # one per epoch
         assert "hydra.overrides" in r.data.params
         names = {a.path for a in client.list_artifacts(r.info.run_id)}
@@ -69,7 +71,8 @@ def test_bad_overrides_fail_before_training_with_one_line(tmp_path: Path) -> Non
         result = _cli("train", *FAST, *args, cwd=tmp_path)
         assert result.returncode == 2, (args, result.stderr[-2000:])
         lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("transferlab train: error:"), lines
+        assert len(lines) == 1, lines
+        assert lines[0].startswith("transferlab train: error:"), lines
     assert not (tmp_path / "mlflow.db").exists()  # nothing was started
 
 
@@ -92,7 +95,7 @@ def test_reproduce_refuses_foreign_targets() -> None:
 
 
 def test_source_model_is_trained_once_and_reused(store: str, tmp_path: Path) -> None:
-    source = "[data.samples_per_class=5,trainer.max_epochs=1,trainer.min_steps=0,data.augment=none]"
+    source = "['data.samples_per_class=5','trainer.max_epochs=1','trainer.min_steps=0','data.augment=none']"
     overrides = [*FAST, "study=transfer", "backbone.weights=source", f"backbone.source_overrides={source}"]
     run(compose_config([*overrides, "seed=0"]))
     run(compose_config([*overrides, "seed=1"]))

@@ -2,10 +2,10 @@ from __future__ import annotations
 
 import mlflow
 import pytest
-from conftest import FAST
 from omegaconf import OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 
+from conftest import FAST
 from transferlab.config import compose_config
 from transferlab.tracking import RunTracker, condition_hash, config_hash, experiment_id, flatten, tracking_uri
 
@@ -66,7 +66,8 @@ def test_only_rank_zero_creates_runs(store, cfg, monkeypatch) -> None:
     zero.end()
     client, exp = experiment_id(tracking)
     (only,) = client.search_runs([exp])
-    assert only.info.status == "FINISHED" and len(only.data.params["p"]) == 6000
+    assert only.info.status == "FINISHED"
+    assert len(only.data.params["p"]) == 6000
 
 
 def test_failed_run_is_marked_failed(store, monkeypatch) -> None:

@@ -50,8 +50,12 @@ class TransferModule(pl.LightningModule):
         self.kept = len(stages.names)
         if finetune.truncate_after is not None:
             self._truncate(stages.index(finetune.truncate_after))
+        # Probe the width in eval mode: a train-mode forward would move BatchNorm running stats.
+        was_training = self.backbone.training
+        self.backbone.eval()
         with torch.no_grad():
             width = self.features(torch.zeros(2, *input_shape)).shape[-1]
+        self.backbone.train(was_training)
         self.head = build_head(width, finetune.head, num_classes)
         self.lr_mults = stage_lr_mults(finetune, self.kept)
         self.trainable: frozenset[int] = frozenset(range(self.kept))

@@ -81,7 +81,13 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
             state[name] = adapt_input_conv(own[name].shape[1], state[name])
     classifier = model.pretrained_cfg.get("classifier") or ""
     state = {k: v for k, v in state.items() if not (classifier and k.startswith(f"{classifier}."))}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # same names, other shapes: strict=False still raises
+        raise ConfigError(
+            f"weights in {path.name} do not fit {type(model).__name__} ({str(err).splitlines()[-1].strip()}): "
+            "check backbone.name"
+        ) from err
     if missing or unexpected:
         raise ConfigError(
             f"weights in {path.name} do not fit {type(model).__name__} "

@@ -1,0 +1,144 @@
+import copy
+from functools import cache
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from torch import nn
+
+from transferlab.config import compose_config
+from transferlab.errors import ConfigError
+from transferlab.finetune import target_trainable
+from transferlab.model import TransferModule
+from transferlab.stages import StageMap, map_stages, stage_names
+
+# One tiny model per family, with the stage count timm's coarse grouping gives it.
+FAMILIES = {
+    "test_resnet": 5,
+    "test_efficientnet": 6,
+    "mobilenetv3_small_050": 8,
+    "test_convnext": 6,
+    "test_vit": 7,
+    "regnetx_002": 5,
+}
+SIZE = 32
+
+
+@cache
+def _pristine(name: str) -> tuple[nn.Module, StageMap]:
+    torch.manual_seed(0)
+    kwargs = {"dynamic_img_size": True} if "vit" in name else {}
+    model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+    return model, map_stages(model)
+
+
+def backbone(name: str) -> tuple[nn.Module, StageMap]:
+    model, stages = _pristine(name)
+    return copy.deepcopy(model), stages
+
+
+@pytest.fixture(autouse=True)
+def _native_cpu_kernels():
+    # oneDNN builds new conv primitives for every freeze pattern (seconds each at batch 2);
+    # the native kernels are faster for these tiny shapes.
+    with torch.backends.mkldnn.flags(enabled=False):
+        yield
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return compose_config(["backbone.weights=scratch"])
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_every_param_in_exactly_one_stage(name):
+    model, stages = backbone(name)
+    assert len(stages.names) == FAMILIES[name] >= 3
+    assert stages.names == stage_names(len(stages.names))
+    assert stages.names[0] == "stem"
+    assert set(stages.param_stage) == {n for n, _ in model.named_parameters()}
+    assert set(stages.param_stage.values()) == set(range(len(stages.names)))  # no empty stage
+    per_stage = [stages.params_in(model, i) for i in range(len(stages.names))]
+    assert sum(len(ps) for ps in per_stage) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_stages_follow_forward_order(name):
+    model, stages = backbone(name)
+    fired: list[int] = []
+    for module_name, module in model.named_modules():
+        if not list(module.children()):
+            stage = stages.module_stage[module_name]
+            module.register_forward_hook(lambda *_, s=stage: fired.append(s))
+    model.eval()
+    with torch.no_grad():
+        model(torch.randn(1, 3, SIZE, SIZE))
+    assert fired[0] == 0
+    assert fired[-1] == len(stages.names) - 1
+    assert fired == sorted(fired), "a later stage ran before an earlier one"
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_feature_outputs_belong_to_their_stage(name):
+    model, stages = backbone(name)
+    assert stages.feature_index, "every family exposes some feature outputs"
+    for stage, feature in stages.feature_index.items():
+        assert stages.module_stage[model.feature_info[feature]["module"]] == stage
+    assert list(stages.feature_index.values()) == sorted(stages.feature_index.values())
+
+
+@pytest.mark.parametrize(
+    ("name", "depth"), [(name, depth) for name, count in FAMILIES.items() for depth in range(count + 1)]
+)
+def test_one_train_step_at_every_freeze_depth(cfg, name, depth):
+    model, stages = backbone(name)
+    ft = OmegaConf.merge(cfg.finetune, {"freeze_depth": depth})
+    module = TransferModule(model, stages, 2, (3, SIZE, SIZE), ft, cfg.optim)
+    target = target_trainable(ft, stages, module.kept)
+    assert target == frozenset(range(depth, len(stages.names)))
+    module.set_trainable(target)
+    module.train()
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    optimizer = torch.optim.AdamW(module.param_groups())
+
+    torch.manual_seed(1)
+    loss = F.cross_entropy(module(torch.randn(2, 3, SIZE, SIZE)), torch.tensor([0, 1]))
+    loss.backward()
+    optimizer.step()
+
+    assert torch.isfinite(loss)
+    for param_name, param in module.backbone.named_parameters():
+        stage = stages.param_stage[param_name]
+        assert param.requires_grad == (stage in target)
+        if stage not in target:
+            assert param.grad is None
+            assert torch.equal(param, before[f"backbone.{param_name}"])
+    trained = {stages.param_stage[n] for n, p in module.backbone.named_parameters() if p.grad is not None}
+    assert trained == target
+    assert all(p.grad is not None for p in module.head.parameters())
+    assert not torch.equal(module.head[-1].weight, before["head.0.weight"])
+
+
+def test_model_without_group_matcher_is_config_error():
+    with pytest.raises(ConfigError, match="group_matcher"):
+        map_stages(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3)))
+
+
+def test_index_resolves_names_ints_and_negatives():
+    _, stages = backbone("test_resnet")
+    assert stages.index("stem") == 0
+    assert stages.index("stage3") == 3
+    assert stages.index(2) == 2
+    assert stages.index(-1) == 4
+    assert stages.index("-1") == 4
+    assert stages.index("4") == 4
+    assert stages.index(-5) == 0
+
+
+@pytest.mark.parametrize("ref", ["stage5", "layer1", 5, -6, "7", ""])
+def test_index_rejects_unknown_stage(ref):
+    _, stages = backbone("test_resnet")
+    with pytest.raises(ConfigError, match="unknown stage"):
+        stages.index(ref)
