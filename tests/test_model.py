@@ -77,14 +77,15 @@ def test_frozen_stages_keep_params_and_bn_buffers_bitwise(cfg, pristine):
         checked[stage] += 1
         if stage < 2:
             assert torch.equal(value, initial[key]), f"frozen {key} moved"
-    assert checked[0] and checked[1]
+    assert checked[0]
+    assert checked[1]
     for key in ("running_mean", "running_var", "num_batches_tracked"):
         assert not torch.equal(state[f"layer3.0.bn1.{key}"], initial[f"layer3.0.bn1.{key}"])
         assert torch.equal(state[f"layer1.0.bn1.{key}"], initial[f"layer1.0.bn1.{key}"])
     for stage in (2, 3, 4):
-        assert any(
-            not torch.equal(p, initial[n]) for n, p in params.items() if stages.param_stage[n] == stage
-        ), f"stage {stage} did not train"
+        assert any(not torch.equal(p, initial[n]) for n, p in params.items() if stages.param_stage[n] == stage), (
+            f"stage {stage} did not train"
+        )
     for name, param in params.items():
         frozen = stages.param_stage[name] < 2
         assert param.requires_grad is not frozen
