@@ -8,6 +8,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -39,3 +40,19 @@ def store(tmp_path: Path, mlflow_template: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)
     return uri
+
+
+@pytest.fixture
+def native_cpu_kernels():
+    """oneDNN builds new conv primitives for every freeze pattern (seconds each at batch 2);
+    the native kernels are faster for these tiny shapes."""
+    with torch.backends.mkldnn.flags(enabled=False):
+        yield
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    """A composed config with random init; tests copy and override it."""
+    from transferlab.config import compose_config
+
+    return compose_config(["backbone.weights=scratch"])

@@ -7,7 +7,6 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
-from transferlab.config import compose_config
 from transferlab.errors import ConfigError
 from transferlab.finetune import Phase, lr_factor, plan_phases, stage_lr_mults, target_trainable
 from transferlab.model import TransferModule
@@ -15,17 +14,7 @@ from transferlab.stages import map_stages
 
 SIZE = 32
 
-
-@pytest.fixture(autouse=True)
-def _native_cpu_kernels():
-    # oneDNN builds new conv primitives for every freeze pattern (seconds each at batch 2).
-    with torch.backends.mkldnn.flags(enabled=False):
-        yield
-
-
-@pytest.fixture(scope="module")
-def cfg():
-    return compose_config(["backbone.weights=scratch"])
+pytestmark = pytest.mark.usefixtures("native_cpu_kernels")
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
-from transferlab.config import compose_config
 from transferlab.errors import ConfigError
 from transferlab.finetune import target_trainable
 from transferlab.model import TransferModule, build_head
@@ -15,17 +14,7 @@ from transferlab.stages import map_stages
 
 SIZE = 32
 
-
-@pytest.fixture(autouse=True)
-def _native_cpu_kernels():
-    # oneDNN builds new conv primitives for every freeze pattern (seconds each at batch 2).
-    with torch.backends.mkldnn.flags(enabled=False):
-        yield
-
-
-@pytest.fixture(scope="module")
-def cfg():
-    return compose_config(["backbone.weights=scratch"])
+pytestmark = pytest.mark.usefixtures("native_cpu_kernels")
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +166,7 @@ def test_head_is_fresh_and_seeded(cfg, pristine):
 def test_param_groups_names_and_lrs(cfg, pristine):
     module = make(cfg, pristine)
     groups = module.param_groups()
-    lr, mult = float(cfg.optim.lr), float(cfg.finetune.backbone_lr_mult)
+    lr, mult = float(cfg.finetune.head_lr), float(cfg.finetune.backbone_lr_mult)
     assert [g["name"] for g in groups] == ["stem", "stage1", "stage2", "stage3", "stage4", "head"]
     assert groups[-1]["lr"] == lr
     assert [g["lr"] for g in groups[:-1]] == pytest.approx([lr * mult] * 5)
@@ -188,6 +177,11 @@ def test_param_groups_names_and_lrs(cfg, pristine):
 def test_layer_decay_lowers_lr_toward_the_stem(cfg, pristine):
     module = make(cfg, pristine, layer_decay=0.5, backbone_lr_mult=1.0)
     lrs = [g["lr"] for g in module.param_groups()]
-    lr = float(cfg.optim.lr)
+    lr = float(cfg.finetune.head_lr)
     assert lrs == pytest.approx([lr / 16, lr / 8, lr / 4, lr / 2, lr, lr])
     assert min(lrs) == lrs[0]
+
+
+def test_head_lr_null_falls_back_to_optim_lr(cfg, pristine):
+    module = make(cfg, pristine, head_lr=None)
+    assert module.param_groups()[-1]["lr"] == float(cfg.optim.lr)

@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
-from transferlab.config import compose_config
 from transferlab.errors import ConfigError
 from transferlab.finetune import target_trainable
 from transferlab.model import TransferModule
@@ -25,6 +24,8 @@ FAMILIES = {
 }
 SIZE = 32
 
+pytestmark = pytest.mark.usefixtures("native_cpu_kernels")
+
 
 @cache
 def _pristine(name: str) -> tuple[nn.Module, StageMap]:
@@ -37,19 +38,6 @@ def _pristine(name: str) -> tuple[nn.Module, StageMap]:
 def backbone(name: str) -> tuple[nn.Module, StageMap]:
     model, stages = _pristine(name)
     return copy.deepcopy(model), stages
-
-
-@pytest.fixture(autouse=True)
-def _native_cpu_kernels():
-    # oneDNN builds new conv primitives for every freeze pattern (seconds each at batch 2);
-    # the native kernels are faster for these tiny shapes.
-    with torch.backends.mkldnn.flags(enabled=False):
-        yield
-
-
-@pytest.fixture(scope="module")
-def cfg():
-    return compose_config(["backbone.weights=scratch"])
 
 
 @pytest.mark.parametrize("name", FAMILIES)

@@ -46,6 +46,7 @@ class TransferModule(pl.LightningModule):
         self.backbone = backbone
         self.stages = stages
         self.optim_cfg = optim
+        self.head_lr = float(finetune.head_lr or optim.lr)
         self.feature_index: int | None = None
         self.kept = len(stages.names)
         if finetune.truncate_after is not None:
@@ -119,7 +120,7 @@ class TransferModule(pl.LightningModule):
     # --- optimisation ---------------------------------------------------------------------
     def param_groups(self) -> list[dict]:
         """One group per kept stage plus the head; all built up front, named for logging."""
-        base = float(self.optim_cfg.lr)
+        base = self.head_lr
         groups = [
             {
                 "name": self.stages.names[i],

@@ -99,14 +99,14 @@ def _fit_and_test(
 
     costs = layer_costs(module, torch.zeros(1, spec.in_chans, spec.size, spec.size))
     timer = FitTimer()
-    trainer, epoch, carried, train_flops = None, 0, 0, 0.0
+    trainer, epoch, carried, train_flops, unfrozen = None, 0, 0, 0.0, set()
     module.total_epochs = epochs
     val_every = max(1, epochs // int(cfg.trainer.max_epochs))
     for phase in phases:
         module.set_trainable(phase.trainable)
         module.epoch_offset = epoch
-        newly = sorted(set(phase.trainable) - set().union(*(p.trainable for p in phases[: phases.index(phase)])))
-        tracker.log_metrics({f"unfrozen_at/{stages.names[s]}": epoch for s in newly}, step=epoch)
+        tracker.log_metrics({f"unfrozen_at/{stages.names[s]}": epoch for s in phase.trainable - unfrozen}, step=epoch)
+        unfrozen |= phase.trainable
         trainer = _trainer(cfg.trainer, phase, phase.epochs + carried, val_every, [EpochLogger(tracker), timer])
         seen = timer.samples
         trainer.fit(module, datamodule=data)
