@@ -208,7 +208,7 @@ def test_head_phase_then_unfreeze_with_lightning(cfg):
     assert not torch.equal(after["bn1.running_mean"], initial["bn1.running_mean"])
     assert after["bn1.num_batches_tracked"] == initial["bn1.num_batches_tracked"] + 4
 
-    lr, mult = float(optim.lr), float(finetune.backbone_lr_mult)
+    lr, mult = float(finetune.head_lr), float(finetune.backbone_lr_mult)
     steps_per_epoch, total = 4, 8
     head_phase, finetune_phase = records
     assert len(head_phase) == len(finetune_phase) == steps_per_epoch
