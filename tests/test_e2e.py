@@ -105,6 +105,39 @@ def test_source_model_is_trained_once_and_reused(store: str, tmp_path: Path) -> 
     assert len(targets) == 2
     assert {r.data.tags["transferlab.source_run_id"] for r in targets} == {pretrain.info.run_id}
     assert list((tmp_path / ".transferlab" / "sources").glob("*/backbone.safetensors"))
+    # The same weights straight from the MLflow run, as a user on another machine would.
+    from_run = f"runs:/{pretrain.info.run_id}/model/backbone.safetensors"
+    run(compose_config([*FAST, "study=from_run", f"backbone.weights={from_run}"]))
+    (target,) = _runs(store, "from_run")
+    assert target.data.tags["transferlab.source_run_id"] == pretrain.info.run_id
+
+
+def test_ddp_two_cpu_ranks_log_one_run_and_stay_in_sync(store: str, tmp_path: Path) -> None:
+    """Freeze-then-unfreeze under DDP (gloo): one MLflow run, replicas equal after the unfreeze."""
+    torchrun = Path(sys.executable).parent / "torchrun"
+    args = [
+        *FAST,
+        "study=ddp",
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+        "finetune=head_then_all",
+        "finetune.head_epochs=1",
+        "trainer.max_epochs=2",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [str(torchrun), "--nproc_per_node=2", "-m", "transferlab", "train", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (only,) = _runs(store, "ddp")
+    assert only.info.status == "FINISHED"
+    history = mlflow.MlflowClient(store).get_metric_history(only.info.run_id, "ddp/param_divergence")
+    assert [m.value for m in history] == [0.0, 0.0]  # after the head phase and after the unfreeze
 
 
 @pytest.mark.parametrize(

@@ -28,7 +28,8 @@ METRICS = {
     "compute/trainable_params": "trainable_params",
 }
 # Params that differ between runs of one condition by design; never part of a strategy label.
-NOT_CONDITION = {"seed", "study"}
+# These vary between runs without changing what the job computes.
+NOT_CONDITION = {"seed", "study", "hydra.overrides", "tracking.experiment", "tracking.uri"}
 SIGNIFICANT = ("A > B (significant)", "B > A (significant)")
 
 

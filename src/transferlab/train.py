@@ -116,6 +116,8 @@ def _fit_and_test(
         per_sample = training_flops_per_sample(module, costs)
         train_flops += per_sample * (timer.samples - seen) * trainer.world_size
         tracker.log_metrics({f"compute/{phase.name}_flops_per_sample": per_sample}, step=epoch)
+        if trainer.world_size > 1:
+            tracker.log_metrics({"ddp/param_divergence": _rank_divergence(module)}, step=epoch)
 
     tested = trainer.test(module, datamodule=data, verbose=False)[0]
     metrics = {k: float(v) for k, v in tested.items()}
@@ -134,6 +136,17 @@ def _fit_and_test(
     tracker.log_metrics(metrics, step=epoch)
     _save_weights(module, tracker, cfg.tracking.log_model, backbone_out)
     return metrics
+
+
+def _rank_divergence(module: TransferModule) -> float:
+    """Spread across ranks of a checksum of all parameters: 0 when DDP kept the replicas equal
+    (parameters unfrozen after a DDP wrap silently diverge, Lightning #20340)."""
+    import torch.distributed as dist
+
+    checksum = torch.stack([p.detach().double().sum() for p in module.parameters()]).sum().reshape(1)
+    gathered = [torch.zeros_like(checksum) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, checksum)
+    return float(torch.cat(gathered).max() - torch.cat(gathered).min())
 
 
 def _epochs(cfg: DictConfig, steps_per_epoch: int) -> int:
