@@ -138,6 +138,8 @@ def test_ddp_two_cpu_ranks_log_one_run_and_stay_in_sync(store: str, tmp_path: Pa
     assert only.info.status == "FINISHED"
     history = mlflow.MlflowClient(store).get_metric_history(only.info.run_id, "ddp/param_divergence")
     assert [m.value for m in history] == [0.0, 0.0]  # after the head phase and after the unfreeze
+    # Ranks split the data: together they see each training image once per epoch, not twice.
+    assert only.data.metrics["compute/train_samples"] == 2 * only.data.metrics["data/train_size"]
 
 
 @pytest.mark.parametrize(

@@ -126,6 +126,7 @@ def _fit_and_test(
         "compute/train_flops_per_sample": per_sample,
         "compute/inference_flops_per_sample": sum(c.flops for c in costs),
         "compute/fit_seconds": timer.seconds,
+        "compute/train_samples": timer.samples * trainer.world_size,
         "compute/samples_per_second": timer.samples_per_second,
         "compute/device_hours": timer.seconds * trainer.world_size / 3600,
         "compute/trainable_params": float(module.trainable_params()),
@@ -173,6 +174,7 @@ def _trainer(cfg: DictConfig, phase: Phase, epochs: int, val_every: int, callbac
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
+        use_distributed_sampler=False,  # the datamodule shards whole-batch loaders itself
         check_val_every_n_epoch=val_every,
     )
 

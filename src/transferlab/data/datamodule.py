@@ -6,7 +6,8 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch import distributed as dist
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
 
 from transferlab.data.base import SPLIT_NAMES, TEST, TRAIN, VAL
 from transferlab.data.sources import SOURCES
@@ -90,6 +91,14 @@ class _IndexBatches(Dataset):
         return self.images[idx], self.labels[idx]
 
 
+class _EpochBatches(BatchSampler):
+    """Forwards Lightning's per-epoch `set_epoch` to a DistributedSampler inside, so shards reshuffle."""
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+
 class TransferDataModule(pl.LightningDataModule):
     """Holds uint8 images for train/val/test in memory; batches are normalised float32."""
 
@@ -122,26 +131,19 @@ class TransferDataModule(pl.LightningDataModule):
             name: {c: int((y == i).sum()) for i, c in enumerate(self.class_names)} for name, (_, y) in splits.items()
         }
 
-    def describe(self) -> dict[str, int | str]:
-        """Flat facts worth logging as run params."""
-        sizes = {f"n_{name}": sum(c.values()) for name, c in self.counts.items()}
-        return {
-            **sizes,
-            "num_classes": self.num_classes,
-            "subset_hash": self.subset_hash,
-            "skipped": self.skipped,
-        }
-
     def _loader(self, split: str, train: bool) -> DataLoader:
         dataset = _IndexBatches(*self.splits[split])
-        order = (
-            RandomSampler(dataset, generator=torch.Generator().manual_seed(self.seed))
-            if train
-            else SequentialSampler(dataset)
-        )
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # Each rank takes its shard itself (the Trainer runs with use_distributed_sampler=False:
+            # Lightning would swap in a per-image sampler and break the whole-batch gather).
+            order = DistributedSampler(dataset, shuffle=train, seed=self.seed)
+        elif train:
+            order = RandomSampler(dataset, generator=torch.Generator().manual_seed(self.seed))
+        else:
+            order = SequentialSampler(dataset)
         return DataLoader(
             dataset,
-            sampler=BatchSampler(order, self.batch_size, drop_last=False),
+            sampler=_EpochBatches(order, self.batch_size, drop_last=False),
             batch_size=None,  # the sampler yields whole index batches
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
