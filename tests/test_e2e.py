@@ -52,6 +52,9 @@ def test_multirun_logs_one_child_run_per_job(store: str, tmp_path: Path) -> None
         assert r.data.params["seed"] == "0"
         assert len(client.get_metric_history(r.info.run_id, "train/loss")) == 1  # one per epoch
         assert "hydra.overrides" in r.data.params
+        assert {"transferlab.config_hash", "transferlab.timm", "transferlab.git_dirty"} <= set(r.data.tags)
+        assert r.data.metrics["data/train_size"] == 50  # 5 per class x 10 digits, logged per split
+        assert {"lr/stem", "lr/head", "trainable_params"} <= set(r.data.metrics)
         names = {a.path for a in client.list_artifacts(r.info.run_id)}
         assert {"config.yaml", "stages.md", "hydra", "model"} <= names
     # Probing trains only the head: far fewer trainable parameters and FLOPs than fine-tuning.
@@ -86,6 +89,11 @@ def test_reproduce_gives_identical_metrics(store: str) -> None:
     new = mlflow.MlflowClient(store).get_run(again.new_run_id)
     assert new.data.tags["reproduced_from"] == logged.info.run_id
     assert "test/acc" in again.table
+    # head_then_all: 2 head-only epochs, then every stage unfreezes at epoch 2.
+    assert logged.data.metrics["unfrozen_at/stem"] == 2
+    assert (
+        logged.data.metrics["compute/head_flops_per_sample"] < logged.data.metrics["compute/finetune_flops_per_sample"]
+    )
 
 
 def test_reproduce_refuses_foreign_targets() -> None:

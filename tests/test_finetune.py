@@ -222,3 +222,12 @@ def test_head_phase_then_unfreeze_with_lightning(cfg):
     # Continuous across the switch: the finetune phase picks up where the head phase stopped.
     assert finetune_phase[0]["head"] < head_phase[-1]["head"]
     assert finetune_phase[0]["head"] == pytest.approx(lr * 0.5 * (1 + math.cos(math.pi * 0.5)))
+
+
+def test_min_steps_raises_epochs_for_small_data(cfg):
+    from transferlab.train import _epochs
+
+    trainer = OmegaConf.merge(cfg.trainer, {"max_epochs": 6, "min_steps": 60})
+    assert _epochs(trainer, steps_per_epoch=1) == 60  # 30 images, one batch: 60 epochs
+    assert _epochs(trainer, steps_per_epoch=33) == 6  # large data: max_epochs already gives 198 steps
+    assert _epochs(OmegaConf.merge(trainer, {"min_steps": 0}), steps_per_epoch=1) == 6
