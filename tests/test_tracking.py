@@ -82,3 +82,17 @@ def test_failed_run_is_marked_failed(store, monkeypatch) -> None:
     client = mlflow.MlflowClient(store)
     (failed,) = client.search_runs([client.get_experiment_by_name("fails").experiment_id])
     assert failed.info.status == "FAILED"
+
+
+def test_resume_skips_a_job_that_already_finished(store) -> None:
+    from transferlab.train import run
+
+    cfg = compose_config([*FAST, "study=resume", "tracking.resume=true"])
+    first = run(cfg)
+    again = run(cfg)
+    client = mlflow.MlflowClient(store)
+    runs = client.search_runs([client.get_experiment_by_name("resume").experiment_id])
+    assert len(runs) == 1  # nothing retrained
+    assert again["test/acc"] == first["test/acc"]
+    run(compose_config([*FAST, "study=resume", "tracking.resume=true", "seed=1"]))
+    assert len(client.search_runs([client.get_experiment_by_name("resume").experiment_id])) == 2

@@ -56,6 +56,14 @@ def experiment_id(cfg: DictConfig) -> tuple[mlflow.MlflowClient, str]:
         return client, client.get_experiment_by_name(cfg.experiment).experiment_id
 
 
+def finished_run(cfg: DictConfig, config_hash: str) -> mlflow.entities.Run | None:
+    """A FINISHED run of this exact config in the study, if any: re-launched sweeps skip it."""
+    client, exp_id = experiment_id(cfg)
+    query = f"tags.`transferlab.config_hash` = '{config_hash}' and attributes.status = 'FINISHED'"
+    found = client.search_runs([exp_id], query, max_results=1)
+    return found[0] if found else None
+
+
 def flatten(cfg: DictConfig) -> dict[str, str]:
     """Resolved config as `a.b.c -> value` strings, every field (MLflow params are flat)."""
     out: dict[str, str] = {}

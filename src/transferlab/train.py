@@ -25,6 +25,7 @@ from transferlab.tracking import (
     RunTracker,
     condition_hash,
     config_hash,
+    finished_run,
     flatten,
     parent_run_id,
 )
@@ -36,6 +37,9 @@ def run(
 ) -> dict[str, float]:
     """Train and test one job; every result lands in one MLflow run (marked FAILED on error)."""
     validate(cfg)
+    if cfg.tracking.resume and (done := finished_run(cfg.tracking, config_hash(cfg))):
+        print(f"skipped: this exact job already finished as MLflow run {done.info.run_id}", flush=True)
+        return dict(done.data.metrics)
     from transferlab.pretrain import resolve_checkpoint  # may train the source model first
 
     checkpoint, source_tags = resolve_checkpoint(cfg)
@@ -52,7 +56,7 @@ def run(
     try:
         metrics = _fit_and_test(cfg, tracker, checkpoint, backbone_out)
     except BaseException:
-        tracker.end("FAILED" if tracker.run_id else "FINISHED")
+        tracker.end("FAILED")
         raise
     tracker.end()
     return metrics
