@@ -38,11 +38,11 @@ def main(argv: list[str] | None = None) -> int:
 def _train(args: list[str]) -> int:
     from transferlab.config import compose_config, sweep_choices, validate
 
-    if any(a in ("-h", "--help", "--hydra-help", "--info", "-c", "--cfg") for a in args):
+    flags = [a for a in args if a.startswith("-")]
+    if set(flags) - {"-m", "--multirun"}:  # help, --cfg, --config-dir ...: Hydra's own handling
         return _hydra(args)
     overrides = [a for a in args if not a.startswith("-")]
-    multirun = any(a in ("-m", "--multirun") for a in args)
-    if multirun:
+    if flags:
         base = compose_config(sweep_choices(overrides)[0], hydra_cfg=True)
         for combo in sweep_choices(overrides, base):
             validate(compose_config(combo))
