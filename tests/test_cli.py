@@ -52,3 +52,10 @@ def test_bad_config_values_name_the_field(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message) as err:
         validate(compose_config([*FAST, override]))
     assert "\n" not in str(err.value)
+
+
+def test_scratch_strategy_is_random_init_in_every_study() -> None:
+    for experiment in ("default", "lr_mult", "freeze_depth"):
+        assert compose_config([f"experiment={experiment}", "finetune=scratch"]).backbone.weights == "scratch"
+    with pytest.raises(ConfigError, match="scratch means random init"):
+        validate(compose_config(["finetune=scratch", "backbone.weights=source"]))

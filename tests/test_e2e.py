@@ -64,6 +64,18 @@ def test_multirun_logs_one_child_run_per_job(store: str, tmp_path: Path) -> None
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "report")} >= {"report/report.md"}
 
 
+def test_a_failing_job_marks_its_run_and_the_sweep_failed(store: str, tmp_path: Path) -> None:
+    # 500 digits per class do not exist: the second job fails when its data is built.
+    result = _cli("train", "-m", *FAST, "study=broken", "data.samples_per_class=5,500", cwd=tmp_path)
+    assert result.returncode != 0
+    runs = _runs(store, "broken")
+    status = {
+        r.data.tags["transferlab.role"] + ":" + r.data.params.get("data.samples_per_class", "-"): r.info.status
+        for r in runs
+    }
+    assert status == {"sweep:-": "FAILED", "job:5": "FINISHED", "job:500": "FAILED"}
+
+
 def test_bad_overrides_fail_before_training_with_one_line(tmp_path: Path) -> None:
     for args in (
         ["backbone=nope"],

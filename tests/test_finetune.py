@@ -208,7 +208,7 @@ def test_head_phase_then_unfreeze_with_lightning(cfg):
     assert not torch.equal(after["bn1.running_mean"], initial["bn1.running_mean"])
     assert after["bn1.num_batches_tracked"] == initial["bn1.num_batches_tracked"] + 4
 
-    lr, mult = float(finetune.head_lr), float(finetune.backbone_lr_mult)
+    lr, mult = float(optim.lr) * float(finetune.head_lr_mult), float(finetune.backbone_lr_mult)
     steps_per_epoch, total = 4, 8
     head_phase, finetune_phase = records
     assert len(head_phase) == len(finetune_phase) == steps_per_epoch
@@ -231,3 +231,15 @@ def test_min_steps_raises_epochs_for_small_data(cfg):
     assert _epochs(trainer, steps_per_epoch=1) == 60  # 30 images, one batch: 60 epochs
     assert _epochs(trainer, steps_per_epoch=33) == 6  # large data: max_epochs already gives 198 steps
     assert _epochs(OmegaConf.merge(trainer, {"min_steps": 0}), steps_per_epoch=1) == 6
+
+
+def test_small_data_scale_keeps_the_head_phase_share(cfg, stages):
+    target = frozenset(range(5))
+    phases = plan_phases(ft(cfg, head_epochs=2, gradual=True, gradual_every=1), 30, target, scale=5)
+    assert [(p.name, p.epochs) for p in phases] == [
+        ("head", 10),
+        ("unfreeze1", 5),
+        ("unfreeze2", 5),
+        ("unfreeze3", 5),
+        ("finetune", 5),
+    ]

@@ -166,7 +166,7 @@ def test_head_is_fresh_and_seeded(cfg, pristine):
 def test_param_groups_names_and_lrs(cfg, pristine):
     module = make(cfg, pristine)
     groups = module.param_groups()
-    lr, mult = float(cfg.finetune.head_lr), float(cfg.finetune.backbone_lr_mult)
+    lr, mult = float(cfg.optim.lr) * float(cfg.finetune.head_lr_mult), float(cfg.finetune.backbone_lr_mult)
     assert [g["name"] for g in groups] == ["stem", "stage1", "stage2", "stage3", "stage4", "head"]
     assert groups[-1]["lr"] == lr
     assert [g["lr"] for g in groups[:-1]] == pytest.approx([lr * mult] * 5)
@@ -177,11 +177,19 @@ def test_param_groups_names_and_lrs(cfg, pristine):
 def test_layer_decay_lowers_lr_toward_the_stem(cfg, pristine):
     module = make(cfg, pristine, layer_decay=0.5, backbone_lr_mult=1.0)
     lrs = [g["lr"] for g in module.param_groups()]
-    lr = float(cfg.finetune.head_lr)
+    lr = float(cfg.optim.lr) * float(cfg.finetune.head_lr_mult)
     assert lrs == pytest.approx([lr / 16, lr / 8, lr / 4, lr / 2, lr, lr])
     assert min(lrs) == lrs[0]
 
 
-def test_head_lr_null_falls_back_to_optim_lr(cfg, pristine):
-    module = make(cfg, pristine, head_lr=None)
+def test_head_lr_follows_optim_lr(cfg, pristine):
+    module = make(cfg, pristine, head_lr_mult=1.0)
     assert module.param_groups()[-1]["lr"] == float(cfg.optim.lr)
+
+
+def test_accuracy_is_plain_not_balanced(cfg, pristine):
+    module = make(cfg, pristine)
+    classes = module.head[-1].out_features
+    logits = torch.nn.functional.one_hot(torch.tensor([0, 0, 0, 0, 1]), classes).float()
+    module.test_acc(logits, torch.tensor([0, 0, 0, 0, 2]))
+    assert module.test_acc.compute().item() == pytest.approx(0.8)  # macro averaging would say 0.33

@@ -69,8 +69,13 @@ def _hydra(args: list[str]) -> int:
         finally:
             _end_distributed()
 
+    from transferlab.tracking import SweepCallback
+
     sys.argv = [sys.argv[0], *args]
-    task()
+    try:
+        task()
+    finally:
+        SweepCallback.fail_unfinished()
     return 0
 
 

@@ -70,6 +70,11 @@ def validate(cfg: DictConfig) -> None:
     validate_backbone_config(cfg.backbone)
     validate_data_config(cfg.data)
     ft = cfg.finetune
+    if ft.strategy == "scratch" and cfg.backbone.weights != "scratch":
+        raise ConfigError(
+            f"finetune=scratch with backbone.weights={cfg.backbone.weights}: "
+            "drop that override (scratch means random init)"
+        )
     if ft.freeze_depth != "all" and not (isinstance(ft.freeze_depth, int) and ft.freeze_depth >= 0):
         raise ConfigError(f"finetune.freeze_depth={ft.freeze_depth!r} is invalid: use an integer >= 0 or 'all'")
     if int(ft.head_epochs or 0) < 0 or int(ft.gradual_every) < 1:

@@ -47,21 +47,26 @@ def target_trainable(cfg: DictConfig, stages: StageMap, kept: int) -> frozenset[
     return frozenset(range(depth, kept))
 
 
-def plan_phases(cfg: DictConfig, max_epochs: int, target: frozenset[int]) -> list[Phase]:
-    """Head-only warm-up, then (optionally gradual, deepest stage first) unfreezing."""
-    head_epochs = int(cfg.head_epochs or 0)
+def plan_phases(cfg: DictConfig, max_epochs: int, target: frozenset[int], scale: int = 1) -> list[Phase]:
+    """Head-only warm-up, then (optionally gradual, deepest stage first) unfreezing.
+
+    `scale`: how many epochs make one configured epoch when small data gets more epochs
+    (`trainer.min_steps`), so head/gradual phases keep their share of training.
+    """
+    head_epochs = int(cfg.head_epochs or 0) * scale
     if not target or head_epochs == 0 and not cfg.gradual:
         return [Phase("train", max_epochs, target)]
     if head_epochs >= max_epochs:
         raise ConfigError(
-            f"finetune.head_epochs={head_epochs} leaves no epoch to fine-tune within "
-            f"trainer.max_epochs={max_epochs}: lower one or raise the other"
+            f"finetune.head_epochs={cfg.head_epochs} leaves no epoch to fine-tune within "
+            f"trainer.max_epochs={max_epochs // scale}: lower one or raise the other"
         )
+    # EarlyStopping counts validation checks, which already run once per `scale` epochs.
     phases = [Phase("head", head_epochs, frozenset(), cfg.head_patience)] if head_epochs else []
     left = max_epochs - head_epochs
     if cfg.gradual:
         order = sorted(target, reverse=True)
-        every = int(cfg.gradual_every)
+        every = int(cfg.gradual_every) * scale
         for count in range(1, len(order)):
             if left <= every:
                 break

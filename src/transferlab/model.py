@@ -46,7 +46,7 @@ class TransferModule(pl.LightningModule):
         self.backbone = backbone
         self.stages = stages
         self.optim_cfg = optim
-        self.head_lr = float(finetune.head_lr or optim.lr)
+        self.head_lr = float(optim.lr) * float(finetune.head_lr_mult)
         self.feature_index: int | None = None
         self.kept = len(stages.names)
         if finetune.truncate_after is not None:
@@ -65,9 +65,10 @@ class TransferModule(pl.LightningModule):
         self.total_epochs = 1
         self.epoch_offset = 0
         metrics = {"num_classes": num_classes}
-        self.train_acc = MulticlassAccuracy(**metrics)
-        self.val_acc = MulticlassAccuracy(**metrics)
-        self.test_acc = MulticlassAccuracy(**metrics)
+        # torchmetrics' MulticlassAccuracy defaults to macro (balanced) accuracy: ask for plain accuracy.
+        self.train_acc = MulticlassAccuracy(average="micro", **metrics)
+        self.val_acc = MulticlassAccuracy(average="micro", **metrics)
+        self.test_acc = MulticlassAccuracy(average="micro", **metrics)
         self.test_f1 = MulticlassF1Score(average="macro", **metrics)
 
     def _truncate(self, stage: int) -> None:
@@ -113,9 +114,6 @@ class TransferModule(pl.LightningModule):
         for module in getattr(self, "_frozen_leaves", []):
             module.train(False)
         return self
-
-    def trainable_params(self) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
     # --- optimisation ---------------------------------------------------------------------
     def param_groups(self) -> list[dict]:

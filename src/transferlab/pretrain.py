@@ -7,6 +7,7 @@ when the cache misses. A file lock keeps parallel jobs from training it twice.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -29,7 +30,11 @@ def resolve_checkpoint(cfg: DictConfig) -> tuple[Path | None, dict[str, str]]:
         return ensure_source(cfg)
     if weights.startswith(REMOTE_PREFIXES):
         try:
-            local = mlflow.artifacts.download_artifacts(weights, tracking_uri=tracking_uri(cfg.tracking))
+            folder = Path(cfg.cache_dir).expanduser() / "downloads" / hashlib.sha256(weights.encode()).hexdigest()[:16]
+            folder.mkdir(parents=True, exist_ok=True)
+            local = mlflow.artifacts.download_artifacts(
+                weights, dst_path=str(folder), tracking_uri=tracking_uri(cfg.tracking)
+            )
         except Exception as err:  # MlflowException, OSError: all mean "not there"
             raise ConfigError(
                 f"backbone.weights={weights!r} could not be fetched ({err}): check the run id and path"
@@ -47,7 +52,8 @@ def source_config(cfg: DictConfig) -> DictConfig:
     OmegaConf.update(
         src,
         "tracking",
-        {**OmegaConf.to_container(cfg.tracking, resolve=True), "experiment": src.study},
+        # resume off: the cached file is what counts, not a finished run somewhere in the store
+        {**OmegaConf.to_container(cfg.tracking, resolve=True), "experiment": src.study, "resume": False},
         merge=False,
     )
     OmegaConf.update(src, "cache_dir", cfg.cache_dir)

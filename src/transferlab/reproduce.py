@@ -81,6 +81,7 @@ def reproduce(run_id: str, uri: str | None = None) -> Reproduction:
         ) from err
     cfg = logged_config(client, run_id)
     cfg.tracking.uri = uri
+    cfg.tracking.resume = False  # a rerun, not a skip
     source = original.data.tags.get("transferlab.source_run_id")
     if cfg.backbone.weights == "source" and source:  # the exact source weights, not today's recipe
         cfg.backbone.weights = f"runs:/{source}/model/backbone.safetensors"

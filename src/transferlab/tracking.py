@@ -25,6 +25,8 @@ from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 
+from transferlab.compute import trainable_params
+
 PARENT_ENV = "TRANSFERLAB_PARENT_RUN_ID"
 PARENT_FILE = "parent_run_id"
 
@@ -178,7 +180,7 @@ class EpochLogger(pl.Callback):
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(prefixes)}
         for group in trainer.optimizers[0].param_groups:
             metrics[f"lr/{group['name']}"] = float(group["lr"])
-        metrics["trainable_params"] = float(module.trainable_params())
+        metrics["trainable_params"] = float(trainable_params(module))
         self.tracker.log_metrics(metrics, step=epoch)
         shown = " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()) if k.endswith(("acc", "loss")))
         if validated:
@@ -203,6 +205,17 @@ def parent_run_id() -> str | None:
 class SweepCallback(Callback):
     """Hydra callback: a parent MLflow run around a multirun, and the report at its end."""
 
+    open_run: tuple[str, str] | None = None  # (uri, run id) of a sweep that has not ended yet
+
+    @classmethod
+    def fail_unfinished(cls) -> None:
+        """Mark the parent run FAILED when a job aborted the multirun (Hydra skips the end hook)."""
+        if cls.open_run is not None:
+            uri, run_id = cls.open_run
+            cls.open_run = None
+            os.environ.pop(PARENT_ENV, None)
+            mlflow.MlflowClient(uri).set_terminated(run_id, "FAILED")
+
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         tracker = RunTracker(config.tracking)
         tracker.start(f"sweep-{config.study}", {"transferlab.role": "sweep"})
@@ -213,8 +226,10 @@ class SweepCallback(Callback):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         (sweep_dir / PARENT_FILE).write_text(tracker.run_id)
         os.environ[PARENT_ENV] = tracker.run_id
+        SweepCallback.open_run = (tracking_uri(config.tracking), tracker.run_id)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        SweepCallback.open_run = None
         run_id = os.environ.pop(PARENT_ENV, None)
         if run_id is None:
             return

@@ -14,7 +14,14 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping
 from safetensors.torch import save_file
 
-from transferlab.compute import FitTimer, layer_costs, peak_memory_mb, training_flops_per_sample
+from transferlab.compute import (
+    FitTimer,
+    forward_flops,
+    layer_costs,
+    peak_memory_mb,
+    trainable_params,
+    training_flops_per_sample,
+)
 from transferlab.config import validate
 from transferlab.data import build_datamodule
 from transferlab.finetune import Phase, plan_phases, target_trainable
@@ -53,6 +60,9 @@ def run(
         **(extra_tags or {}),
     }
     tracker.start(_run_name(cfg), tags, parent_run_id() if role == "job" else None)
+    # The config goes in first, so a run that fails later still says what it was.
+    tracker.log_params(flatten(cfg) | _hydra_overrides())
+    tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
     try:
         metrics = _fit_and_test(cfg, tracker, checkpoint, backbone_out)
     except BaseException:
@@ -85,11 +95,10 @@ def _fit_and_test(
     )
     target = target_trainable(cfg.finetune, stages, module.kept)
     epochs = _epochs(cfg.trainer, len(data.train_dataloader()))
-    phases = plan_phases(cfg.finetune, epochs, target)
+    val_every = max(1, epochs // int(cfg.trainer.max_epochs))  # also the small-data epoch scale
+    phases = plan_phases(cfg.finetune, epochs, target, scale=val_every)
 
     tracker.set_tags({f"transferlab.backbone.{k}": v for k, v in backbone.tags.items()})
-    tracker.log_params(flatten(cfg) | _hydra_overrides())
-    tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
     tracker.log_text(format_table(stage_table(module.backbone, stages, spec.size, set(target))), "stages.md")
     _log_hydra_dir(tracker)
     counts = {f"data/{split}_size": sum(c.values()) for split, c in data.counts.items()}
@@ -105,7 +114,6 @@ def _fit_and_test(
     timer = FitTimer()
     trainer, epoch, carried, train_flops, unfrozen = None, 0, 0, 0.0, set()
     module.total_epochs = epochs
-    val_every = max(1, epochs // int(cfg.trainer.max_epochs))
     for phase in phases:
         module.set_trainable(phase.trainable)
         module.epoch_offset = epoch
@@ -128,12 +136,12 @@ def _fit_and_test(
     metrics |= {
         "compute/train_flops": train_flops,
         "compute/train_flops_per_sample": per_sample,
-        "compute/inference_flops_per_sample": sum(c.flops for c in costs),
+        "compute/inference_flops_per_sample": forward_flops(costs),
         "compute/fit_seconds": timer.seconds,
         "compute/train_samples": timer.samples * trainer.world_size,
         "compute/samples_per_second": timer.samples_per_second,
         "compute/device_hours": timer.seconds * trainer.world_size / 3600,
-        "compute/trainable_params": float(module.trainable_params()),
+        "compute/trainable_params": float(trainable_params(module)),
         "compute/epochs": float(epoch),
         **{f"compute/{k}": v for k, v in peak_memory_mb().items()},
         **counts,
@@ -148,7 +156,9 @@ def _rank_divergence(module: TransferModule) -> float:
     (parameters unfrozen after a DDP wrap silently diverge, Lightning #20340)."""
     import torch.distributed as dist
 
-    checksum = torch.stack([p.detach().double().sum() for p in module.parameters()]).sum().reshape(1)
+    # Lightning moves the module to CPU after fit; NCCL gathers only CUDA tensors.
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    checksum = torch.stack([p.detach().double().sum() for p in module.parameters()]).sum().reshape(1).to(device)
     gathered = [torch.zeros_like(checksum) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, checksum)
     return float(torch.cat(gathered).max() - torch.cat(gathered).min())

@@ -51,10 +51,12 @@ def create_backbone(cfg: DictConfig, checkpoint: Path | None = None) -> Backbone
     weights = str(cfg.weights)
     if checkpoint is None and weights not in ("pretrained", "scratch"):
         checkpoint = Path(weights).expanduser()
+    if weights == "scratch" and checkpoint is None:
+        return Backbone(_create(cfg, pretrained=False), tags | {"weights": weights})
     if checkpoint is None:
         try:
-            model = _create(cfg, pretrained=weights == "pretrained")
-        except Exception as err:  # hub errors come in many types (HTTP, offline, missing files)
+            model = _create(cfg, pretrained=True)
+        except (OSError, RuntimeError, ValueError) as err:  # hub errors: HTTP, offline, missing files
             raise ConfigError(
                 f"could not load timm pretrained weights for {cfg.name!r} ({type(err).__name__}); "
                 "offline? set backbone.weights=source, scratch or a local file"

@@ -136,7 +136,10 @@ class TransferDataModule(pl.LightningDataModule):
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             # Each rank takes its shard itself (the Trainer runs with use_distributed_sampler=False:
             # Lightning would swap in a per-image sampler and break the whole-batch gather).
-            order = DistributedSampler(dataset, shuffle=train, seed=self.seed)
+            # Train shards are padded to equal length (ranks must step together); eval shards are
+            # strided and unpadded, so no test image counts twice.
+            rank, world = dist.get_rank(), dist.get_world_size()
+            order = DistributedSampler(dataset, seed=self.seed) if train else range(rank, len(dataset), world)
         elif train:
             order = RandomSampler(dataset, generator=torch.Generator().manual_seed(self.seed))
         else:
