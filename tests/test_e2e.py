@@ -82,6 +82,7 @@ def test_bad_overrides_fail_before_training_with_one_line(tmp_path: Path) -> Non
         ["backbone.name=resnet99"],
         ["-m", "backbone.name=test_resnet,resnet99"],
         ["finetune.freeze_depth=-2"],
+        ["-m", "finetune.truncate_after=stage2,stage9"],  # checked against the real backbone
     ):
         result = _cli("train", *FAST, *args, cwd=tmp_path)
         assert result.returncode == 2, (args, result.stderr[-2000:])

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args: list[str]) -> int:
-    from transferlab.config import compose_config, sweep_choices, validate
+    from transferlab.config import compose_config, sweep_choices, validate, validate_stages
 
     flags = [a for a in args if a.startswith("-")]
     if set(flags) - {"-m", "--multirun"}:  # help, --cfg, --config-dir ...: Hydra's own handling
@@ -44,10 +44,12 @@ def _train(args: list[str]) -> int:
     overrides = [a for a in args if not a.startswith("-")]
     if flags:
         base = compose_config(sweep_choices(overrides)[0], hydra_cfg=True)
-        for combo in sweep_choices(overrides, base):
-            validate(compose_config(combo))
+        combos = [compose_config(combo) for combo in sweep_choices(overrides, base)]
     else:
-        validate(compose_config(overrides))
+        combos = [compose_config(overrides)]
+    for cfg in combos:
+        validate(cfg)
+        validate_stages(cfg)
     return _hydra(args)
 
 

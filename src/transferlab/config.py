@@ -87,3 +87,16 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"optim.lr={cfg.optim.lr} must be > 0")
     if int(cfg.trainer.max_epochs) < 1:
         raise ConfigError(f"trainer.max_epochs={cfg.trainer.max_epochs} must be >= 1")
+
+
+def validate_stages(cfg: DictConfig) -> None:
+    """Stage references (`truncate_after`, `trainable_stages`, `freeze_depth`) against the real
+    backbone, built with random weights: catches `stage9` before a sweep starts, not in job 7."""
+    from transferlab.finetune import target_trainable
+    from transferlab.stages import map_stages
+    from transferlab.weights import _create
+
+    stages = map_stages(_create(cfg.backbone, pretrained=False))
+    cut = cfg.finetune.truncate_after
+    kept = len(stages.names) if cut is None else stages.cut_point(cut) + 1
+    target_trainable(cfg.finetune, stages, kept)

@@ -50,7 +50,7 @@ class TransferModule(pl.LightningModule):
         self.feature_index: int | None = None
         self.kept = len(stages.names)
         if finetune.truncate_after is not None:
-            self._truncate(stages.index(finetune.truncate_after))
+            self._truncate(stages.cut_point(finetune.truncate_after))
         # Probe the width in eval mode: a train-mode forward would move BatchNorm running stats.
         was_training = self.backbone.training
         self.backbone.eval()
@@ -72,12 +72,6 @@ class TransferModule(pl.LightningModule):
         self.test_f1 = MulticlassF1Score(average="macro", **metrics)
 
     def _truncate(self, stage: int) -> None:
-        if stage not in self.stages.feature_index:
-            usable = [self.stages.names[s] for s in sorted(self.stages.feature_index)]
-            raise ConfigError(
-                f"finetune.truncate_after={self.stages.names[stage]!r} has no feature output "
-                f"in this backbone: use one of {usable}"
-            )
         if not hasattr(self.backbone, "forward_intermediates"):
             raise ConfigError(
                 f"{type(self.backbone).__name__} cannot be truncated (no forward_intermediates): "

@@ -35,6 +35,17 @@ class StageMap:
             return self.names.index(ref)
         raise ConfigError(f"unknown stage {ref!r}: use an index 0..{len(self.names) - 1} or one of {list(self.names)}")
 
+    def cut_point(self, ref: int | str) -> int:
+        """Stage index to truncate after; it must have a timm feature output to pool."""
+        stage = self.index(ref)
+        if stage not in self.feature_index:
+            usable = [self.names[s] for s in sorted(self.feature_index)]
+            raise ConfigError(
+                f"finetune.truncate_after={self.names[stage]!r} has no feature output in this backbone: "
+                f"use one of {usable}"
+            )
+        return stage
+
     def params_in(self, model: torch.nn.Module, stage: int) -> list[torch.nn.Parameter]:
         return [p for n, p in model.named_parameters() if self.param_stage.get(n) == stage]
 
