@@ -12,7 +12,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from transferlab.data import validate_data_config
 from transferlab.errors import ConfigError
-from transferlab.weights import validate_backbone_config
+from transferlab.finetune import SCHEDULES, target_trainable
+from transferlab.model import OPTIMIZERS
+from transferlab.stages import map_stages
+from transferlab.weights import build_model, validate_backbone_config
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
@@ -79,10 +82,10 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"finetune.freeze_depth={ft.freeze_depth!r} is invalid: use an integer >= 0 or 'all'")
     if int(ft.head_epochs or 0) < 0 or int(ft.gradual_every) < 1:
         raise ConfigError("finetune.head_epochs must be >= 0 and finetune.gradual_every >= 1")
-    if cfg.optim.name not in ("adamw", "sgd"):
-        raise ConfigError(f"optim.name={cfg.optim.name!r} is unknown: use adamw or sgd")
-    if cfg.optim.schedule not in ("cosine", "constant"):
-        raise ConfigError(f"optim.schedule={cfg.optim.schedule!r} is unknown: use cosine or constant")
+    if cfg.optim.name not in OPTIMIZERS:
+        raise ConfigError(f"optim.name={cfg.optim.name!r} is unknown: use {' or '.join(OPTIMIZERS)}")
+    if cfg.optim.schedule not in SCHEDULES:
+        raise ConfigError(f"optim.schedule={cfg.optim.schedule!r} is unknown: use {' or '.join(SCHEDULES)}")
     if not float(cfg.optim.lr) > 0:
         raise ConfigError(f"optim.lr={cfg.optim.lr} must be > 0")
     if int(cfg.trainer.max_epochs) < 1:
@@ -92,11 +95,7 @@ def validate(cfg: DictConfig) -> None:
 def validate_stages(cfg: DictConfig) -> None:
     """Stage references (`truncate_after`, `trainable_stages`, `freeze_depth`) against the real
     backbone, built with random weights: catches `stage9` before a sweep starts, not in job 7."""
-    from transferlab.finetune import target_trainable
-    from transferlab.stages import map_stages
-    from transferlab.weights import _create
-
-    stages = map_stages(_create(cfg.backbone, pretrained=False))
+    stages = map_stages(build_model(cfg.backbone, pretrained=False))
     cut = cfg.finetune.truncate_after
     kept = len(stages.names) if cut is None else stages.cut_point(cut) + 1
     target_trainable(cfg.finetune, stages, kept)

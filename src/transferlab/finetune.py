@@ -91,6 +91,9 @@ def stage_lr_mults(cfg: DictConfig, stage_count: int) -> list[float]:
     return [mult * decay ** (stage_count - 1 - i) for i in range(stage_count)]
 
 
+SCHEDULES = ("cosine", "constant")
+
+
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
     """Schedule value in [0, 1] at a global optimizer step: linear warm-up then cosine/constant."""
     if warmup_steps and step < warmup_steps:
@@ -100,4 +103,4 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> 
     if schedule == "cosine":
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    raise ConfigError(f"optim.schedule={schedule!r} is unknown: use cosine or constant")
+    raise ConfigError(f"optim.schedule={schedule!r} is unknown: use {' or '.join(SCHEDULES)}")

@@ -13,6 +13,12 @@ from transferlab.errors import ConfigError
 from transferlab.finetune import lr_factor, stage_lr_mults
 from transferlab.stages import StageMap
 
+# optim.name -> builder(param_groups, optim config); `config.validate` checks names against it.
+OPTIMIZERS = {
+    "adamw": lambda groups, cfg: torch.optim.AdamW(groups, weight_decay=cfg.weight_decay),
+    "sgd": lambda groups, cfg: torch.optim.SGD(groups, momentum=cfg.momentum, weight_decay=cfg.weight_decay),
+}
+
 
 def build_head(width: int, cfg: DictConfig, num_classes: int) -> nn.Sequential:
     """Freshly initialised classifier, with optional hidden layers (Linear-ReLU-Dropout)."""
@@ -127,13 +133,7 @@ class TransferModule(pl.LightningModule):
 
     def configure_optimizers(self):
         cfg = self.optim_cfg
-        groups = self.param_groups()
-        if cfg.name == "adamw":
-            optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-        elif cfg.name == "sgd":
-            optimizer = torch.optim.SGD(groups, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        else:
-            raise ConfigError(f"optim.name={cfg.name!r} is unknown: use adamw or sgd")
+        optimizer = OPTIMIZERS[cfg.name](self.param_groups(), cfg)
         steps_per_epoch = max(1, self.trainer.estimated_stepping_batches // self.trainer.max_epochs)
         total = steps_per_epoch * self.total_epochs
         offset = steps_per_epoch * self.epoch_offset
@@ -143,7 +143,7 @@ class TransferModule(pl.LightningModule):
             frozen = group["stage"] is not None and group["stage"] not in self.trainable
             return lambda step: 0.0 if frozen else lr_factor(offset + step, total, warmup, cfg.schedule)
 
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [factor_for(g) for g in groups])
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [factor_for(g) for g in optimizer.param_groups])
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},

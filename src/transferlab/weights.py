@@ -37,7 +37,8 @@ def validate_backbone_config(cfg: DictConfig) -> None:
         raise ConfigError(f"backbone.input_size={cfg.input_size} is too small: use >= 8 px or null")
 
 
-def _create(cfg: DictConfig, pretrained: bool) -> torch.nn.Module:
+def build_model(cfg: DictConfig, pretrained: bool) -> torch.nn.Module:
+    """The timm backbone of `cfg` without a classifier (num_classes=0: pooled features)."""
     kwargs = {k: v for k, v in dict(cfg.kwargs or {}).items() if v is not None}
     if cfg.input_size is not None and "vit" in cfg.name and "img_size" not in kwargs:
         kwargs.setdefault("dynamic_img_size", True)
@@ -52,10 +53,10 @@ def create_backbone(cfg: DictConfig, checkpoint: Path | None = None) -> Backbone
     if checkpoint is None and weights not in ("pretrained", "scratch"):
         checkpoint = Path(weights).expanduser()
     if weights == "scratch" and checkpoint is None:
-        return Backbone(_create(cfg, pretrained=False), tags | {"weights": weights})
+        return Backbone(build_model(cfg, pretrained=False), tags | {"weights": weights})
     if checkpoint is None:
         try:
-            model = _create(cfg, pretrained=True)
+            model = build_model(cfg, pretrained=True)
         except (OSError, RuntimeError, ValueError) as err:  # hub errors: HTTP, offline, missing files
             raise ConfigError(
                 f"could not load timm pretrained weights for {cfg.name!r} ({type(err).__name__}); "
@@ -66,7 +67,7 @@ def create_backbone(cfg: DictConfig, checkpoint: Path | None = None) -> Backbone
         return Backbone(model, tags)
     if not checkpoint.is_file():
         raise ConfigError(f"backbone.weights file {str(checkpoint)!r} does not exist: give a .safetensors or .pth path")
-    model = _create(cfg, pretrained=False)
+    model = build_model(cfg, pretrained=False)
     load_weights(model, checkpoint)
     tags["weights"] = str(checkpoint)
     return Backbone(model, tags)
