@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The offline default study never reaches a model hub; set HF_HUB_OFFLINE=0 to allow downloads.
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install sweep test ui report lint clean
+.PHONY: install sweep test bench ui report lint clean
 
 install: $(STAMP)
 
@@ -25,6 +25,10 @@ sweep: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+bench: install
+	# Ratio benchmarks, each measured within one run; tables go to benchmarks/RESULTS.md.
+	for f in benchmarks/bench_*.py; do $(BIN)/python $$f || exit 1; done
 
 ui: install
 	$(BIN)/transferlab ui
