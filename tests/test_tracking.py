@@ -7,7 +7,8 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from conftest import FAST
 from transferlab.config import compose_config
-from transferlab.tracking import RunTracker, condition_hash, config_hash, experiment_id, flatten, tracking_uri
+from transferlab.identity import condition_hash, config_hash, flatten
+from transferlab.tracking import RunTracker, experiment_id, tracking_uri
 
 
 @pytest.fixture(scope="module")

@@ -71,7 +71,7 @@ def _hydra(args: list[str]) -> int:
         finally:
             _end_distributed()
 
-    from transferlab.tracking import SweepCallback
+    from transferlab.sweep import SweepCallback
 
     sys.argv = [sys.argv[0], *args]
     try:

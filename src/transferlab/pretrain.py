@@ -18,7 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from transferlab.config import compose_config
 from transferlab.errors import ConfigError
-from transferlab.tracking import config_hash, tracking_uri
+from transferlab.identity import config_hash
+from transferlab.tracking import tracking_uri
 
 REMOTE_PREFIXES = ("runs:/", "models:/", "mlflow-artifacts:/")
 

@@ -25,17 +25,11 @@ from transferlab.compute import (
 from transferlab.config import validate
 from transferlab.data import build_datamodule
 from transferlab.finetune import Phase, plan_phases, target_trainable
+from transferlab.identity import condition_hash, config_hash, flatten
 from transferlab.model import TransferModule
 from transferlab.stages import format_table, map_stages, stage_table
-from transferlab.tracking import (
-    EpochLogger,
-    RunTracker,
-    condition_hash,
-    config_hash,
-    finished_run,
-    flatten,
-    parent_run_id,
-)
+from transferlab.sweep import parent_run_id
+from transferlab.tracking import EpochLogger, RunTracker, finished_run
 from transferlab.weights import create_backbone, input_spec
 
 

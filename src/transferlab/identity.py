@@ -1,0 +1,70 @@
+"""Run identity: what a job is (its flat params and config hashes) and where it ran (environment tags).
+
+Resume-by-hash, the source-model cache and the report's pooling of seeds all key on these hashes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import subprocess
+import sys
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+
+def flatten(cfg: DictConfig) -> dict[str, str]:
+    """Resolved config as `a.b.c -> value` strings, every field (MLflow params are flat)."""
+    out: dict[str, str] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict) and node:
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            out[prefix[:-1]] = json.dumps(node) if isinstance(node, list | dict) else str(node)
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return out
+
+
+def config_hash(cfg: DictConfig, exclude: tuple[str, ...] = ("tracking",)) -> str:
+    """Stable short hash of the resolved config (tracking excluded: where a run is logged does
+    not change what it computes). Resume-by-hash and the source-model cache key on it."""
+    data = OmegaConf.to_container(cfg, resolve=True)
+    for key in exclude:
+        data.pop(key, None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def condition_hash(cfg: DictConfig) -> str:
+    """Runs with equal condition hashes differ only by seed: the report pools them."""
+    return config_hash(cfg, exclude=("tracking", "seed"))
+
+
+def environment_tags() -> dict[str, str]:
+    """Versions, host, device and git state: a run says where and with what it ran."""
+    import mlflow
+    import pytorch_lightning as pl
+    import timm
+    import torch
+
+    tags = {
+        "transferlab.host": platform.node(),
+        "transferlab.python": sys.version.split()[0],
+        "transferlab.torch": torch.__version__,
+        "transferlab.lightning": pl.__version__,
+        "transferlab.timm": timm.__version__,
+        "transferlab.mlflow": mlflow.__version__,
+        "transferlab.device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+    }
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True)
+        tags["mlflow.source.git.commit"] = commit.stdout.strip()
+        tags["transferlab.git_dirty"] = str(bool(dirty.stdout.strip()))
+    except (OSError, subprocess.CalledProcessError):
+        tags["transferlab.git_dirty"] = "unknown"
+    return tags
