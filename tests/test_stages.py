@@ -130,3 +130,43 @@ def test_index_rejects_unknown_stage(ref):
     _, stages = backbone("test_resnet")
     with pytest.raises(ConfigError, match="unknown stage"):
         stages.index(ref)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("frozen", ["all", "all_but_last"])
+def test_frozen_stages_keep_every_param_and_buffer_bitwise(cfg, name, frozen):
+    """Frozen means frozen on every family: timm's BatchNormAct2d (efficientnet, mobilenetv3,
+    regnet) has child modules, and its running stats must not move either."""
+    model, stages = backbone(name)
+    depth = "all" if frozen == "all" else len(stages.names) - 1
+    ft = OmegaConf.merge(cfg.finetune, {"freeze_depth": depth})
+    module = TransferModule(model, stages, 2, (3, SIZE, SIZE), ft, cfg.optim)
+    target = target_trainable(ft, stages, module.kept)
+    module.set_trainable(target)
+    initial = {k: v.clone() for k, v in module.backbone.state_dict().items()}
+    head_before = module.head[-1].weight.detach().clone()
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=0.1)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        module.eval()
+        module.train()  # Lightning toggles modes around validation: frozen modules must stay in eval
+        x = torch.randn(4, 3, SIZE, SIZE, generator=generator) * 3 + 2  # off-centre: BN stats would move
+        loss = F.cross_entropy(module(x), torch.tensor([0, 1, 0, 1]))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    params = dict(module.backbone.named_parameters())
+    buffers = dict(module.backbone.named_buffers())
+    checked = 0
+    for key, value in module.backbone.state_dict().items():
+        stage = stages.param_stage[key] if key in params else stages.module_stage[key.rsplit(".", 1)[0]]
+        if stage not in target:
+            assert torch.equal(value, initial[key]), f"frozen {'param' if key in params else 'buffer'} {key} moved"
+            checked += key in buffers
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    assert checked > 0 or not has_bn, "no frozen BatchNorm buffer was checked"
+    assert not torch.equal(module.head[-1].weight, head_before), "the head did not train"
+    if target:  # the one trainable stage did train
+        last = len(stages.names) - 1
+        assert any(not torch.equal(p, initial[n]) for n, p in params.items() if stages.param_stage[n] == last)

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
+from torch.nn.modules.batchnorm import _NormBase  # BatchNorm*, SyncBatchNorm, InstanceNorm*
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from transferlab.errors import ConfigError
@@ -30,6 +31,22 @@ def build_head(width: int, cfg: DictConfig, num_classes: int) -> nn.Sequential:
         layers.append(nn.Dropout(float(cfg.dropout)))
     layers.append(nn.Linear(width, num_classes))
     return nn.Sequential(*layers)
+
+
+def frozen_modules(backbone: nn.Module, stages: StageMap, trainable: frozenset[int]) -> list[nn.Module]:
+    """Modules to keep in eval mode: every module whose whole subtree lies in frozen stages
+    (dropout, drop-path, BatchNorm, containers that branch on `self.training`), plus every norm
+    layer with running stats whose own stage is frozen, whatever its children: timm's
+    `BatchNormAct2d` has child modules (`drop`, `act`), so a leaf-only selection misses it."""
+    stage_of = stages.module_stage
+    out = []
+    for name, module in backbone.named_modules():
+        prefix = f"{name}." if name else ""
+        own = stage_of.get(name, 0)
+        subtree = {own} | {stage_of.get(prefix + child, own) for child, _ in module.named_modules() if child}
+        if not subtree & trainable or (isinstance(module, _NormBase) and own not in trainable):
+            out.append(module)
+    return out
 
 
 class TransferModule(pl.LightningModule):
@@ -66,7 +83,7 @@ class TransferModule(pl.LightningModule):
         self.head = build_head(width, finetune.head, num_classes)
         self.lr_mults = stage_lr_mults(finetune, self.kept)
         self.trainable: frozenset[int] = frozenset(range(self.kept))
-        self._frozen_leaves: list[nn.Module] = []
+        self._frozen_modules: list[nn.Module] = []
         # The LR schedule spans all phases; the runner sets where the current phase starts.
         self.total_epochs = 1
         self.epoch_offset = 0
@@ -102,17 +119,13 @@ class TransferModule(pl.LightningModule):
         for name, param in self.backbone.named_parameters():
             param.requires_grad_(self.stages.param_stage[name] in self.trainable)
         self.head.requires_grad_(True)
-        self._frozen_leaves = [
-            module
-            for name, module in self.backbone.named_modules()
-            if not list(module.children()) and self.stages.module_stage.get(name, 0) not in self.trainable
-        ]
+        self._frozen_modules = frozen_modules(self.backbone, self.stages, self.trainable)
         self.train(self.training)
 
     def train(self, mode: bool = True) -> TransferModule:
         super().train(mode)
-        for module in getattr(self, "_frozen_leaves", []):
-            module.train(False)
+        for module in getattr(self, "_frozen_modules", []):
+            module.training = False  # not .train(False): that would recurse into trainable children
         return self
 
     # --- optimisation ---------------------------------------------------------------------
