@@ -59,3 +59,45 @@ def test_scratch_strategy_is_random_init_in_every_study() -> None:
         assert compose_config([f"experiment={experiment}", "finetune=scratch"]).backbone.weights == "scratch"
     with pytest.raises(ConfigError, match="scratch means random init"):
         validate(compose_config(["finetune=scratch", "backbone.weights=source"]))
+
+
+@pytest.mark.parametrize("argv", [[], ["--help"], ["-h"]])
+def test_bare_and_help_list_every_command_with_an_example(argv, capsys) -> None:
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    for name in ("train", "pretrain", "stages", "report", "reproduce", "ui"):
+        assert f"  {name} " in out
+        assert f"e.g. transferlab {name}" in out
+
+
+def test_train_help_is_still_hydras(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "Configuration groups" in capsys.readouterr().out
+
+
+def test_unknown_command_suggests_the_closest(capsys) -> None:
+    assert main(["reprodcue", "abc"]) == 2
+    assert "did you mean `transferlab reproduce`" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override", ["finetune.freeze_dept=2", "+finetune.freeze_dept=2", "++finetune.freeze_dept=2"])
+def test_mistyped_field_gets_did_you_mean_and_is_never_added(override, capsys) -> None:
+    assert main(["train", *FAST, override]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "finetune.freeze_dept is not a config field" in err
+    assert "did you mean finetune.freeze_depth?" in err
+
+
+def test_typo_in_a_sweep_is_caught_before_any_job(capsys) -> None:
+    assert main(["train", "-m", *FAST, "data.samples_per_clas=5,10"]) == 2
+    assert "did you mean data.samples_per_class?" in capsys.readouterr().err
+
+
+def test_plus_is_allowed_where_keys_are_forwarded() -> None:
+    from transferlab.cli import _check_keys
+
+    _check_keys(["data=digits", "+backbone.kwargs.drop_rate=0.1", "finetune=probe", "finetune.head.dropout=0.1"])
+    with pytest.raises(ConfigError, match="did you mean data.fraction"):
+        _check_keys(["data=digits", "data.fractoin=0.5"])

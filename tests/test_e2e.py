@@ -101,6 +101,9 @@ def test_reproduce_gives_identical_metrics(store: str) -> None:
     assert again.new["test/loss"] == first["test/loss"]
     new = mlflow.MlflowClient(store).get_run(again.new_run_id)
     assert new.data.tags["reproduced_from"] == logged.info.run_id
+    assert new.info.run_name == f"{logged.info.run_name}-repro"
+    assert logged.info.run_id in again.table  # full ids, not 8 characters
+    assert again.new_run_id in again.table
     assert "test/acc" in again.table
     # head_then_all: 2 head-only epochs, then every stage unfreezes at epoch 2.
     assert logged.data.metrics["unfrozen_at/stem"] == 2

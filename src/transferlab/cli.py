@@ -7,6 +7,7 @@ Errors a user can fix print as one line (exit 2), after validating every sweep v
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import subprocess
 import sys
@@ -14,22 +15,48 @@ from pathlib import Path
 
 from transferlab.errors import TransferlabError
 
-COMMANDS = ("train", "pretrain", "stages", "report", "reproduce", "ui")
+# name -> (what it does, an example); `transferlab` and `transferlab --help` print this table.
+COMMANDS = {
+    "train": ("train one job, or a sweep with -m (Hydra overrides)", "transferlab train -m experiment=default"),
+    "pretrain": ("train and cache the source model ahead of a sweep", "transferlab pretrain"),
+    "stages": ("print a timm backbone's stage table", "transferlab stages resnet18 --input-size 64"),
+    "report": ("accuracy-vs-compute report of a study", "transferlab report --experiment default"),
+    "reproduce": ("rerun a logged run from its MLflow config", "transferlab reproduce <run_id>"),
+    "ui": ("MLflow UI on the local store (127.0.0.1)", "transferlab ui --port 5000"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: transferlab <command> [args]   (transferlab <command> --help for its options)", ""]
+    for name, (text, example) in COMMANDS.items():
+        lines += [f"  {name:<{width}}  {text}", f"  {'':<{width}}    e.g. {example}"]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    command = argv[0] if argv and argv[0] in COMMANDS else "train"
-    args = argv[1:] if argv and argv[0] in COMMANDS else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    # Without a command the arguments are train's: re-launched DDP ranks see Hydra's argv only.
+    command = argv[0] if argv[0] in COMMANDS else "train"
+    args = argv[1:] if argv[0] in COMMANDS else argv
+    if command == "train" and args == argv and "=" not in argv[0] and not argv[0].startswith("-"):
+        near = difflib.get_close_matches(argv[0], COMMANDS, n=1)
+        hint = f"did you mean `transferlab {near[0]}`?" if near else "see `transferlab --help`"
+        print(f"transferlab: error: unknown command {argv[0]!r}: {hint}", file=sys.stderr)
+        return 2
+    handlers = {
+        "train": _train,
+        "pretrain": _pretrain,
+        "stages": _stages,
+        "report": _report,
+        "reproduce": _reproduce,
+        "ui": _ui,
+    }
     try:
-        return {
-            "train": _train,
-            "pretrain": _pretrain,
-            "stages": _stages,
-            "report": _report,
-            "reproduce": _reproduce,
-            "ui": _ui,
-        }[command](args)
+        return handlers[command](args)
     except TransferlabError as err:
         print(f"transferlab {command}: error: {err}", file=sys.stderr)
         return 2
@@ -43,14 +70,27 @@ def _train(args: list[str]) -> int:
         return _hydra(args)
     overrides = [a for a in args if not a.startswith("-")]
     if flags:
+        _check_keys(sweep_choices(overrides)[0])
         base = compose_config(sweep_choices(overrides)[0], hydra_cfg=True)
-        combos = [compose_config(combo) for combo in sweep_choices(overrides, base)]
+        choices = sweep_choices(overrides, base)
     else:
-        combos = [compose_config(overrides)]
+        choices = [overrides]
+    combos = []
+    for combo in choices:
+        _check_keys(combo)
+        combos.append(compose_config(combo))
     for cfg in combos:
         validate(cfg)
         validate_stages(cfg)
     return _hydra(args)
+
+
+def _check_keys(overrides: list[str]) -> None:
+    from transferlab.config import CONF_DIR, compose_config
+    from transferlab.overrides import check_override_keys
+
+    groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
+    check_override_keys(overrides, compose_config, groups)
 
 
 def _hydra(args: list[str]) -> int:
@@ -94,6 +134,7 @@ def _pretrain(args: list[str]) -> int:
     from transferlab.config import compose_config, validate
     from transferlab.pretrain import ensure_source
 
+    _check_keys(args)
     cfg = compose_config(args)
     validate(cfg)
     weights, tags = ensure_source(cfg)

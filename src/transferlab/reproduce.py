@@ -31,7 +31,8 @@ class Reproduction:
 
     @property
     def table(self) -> str:
-        lines = [f"| metric | {self.run_id[:8]} (logged) | {self.new_run_id[:8]} (rerun) | diff |", "|---|---|---|---|"]
+        lines = [f"logged run: {self.run_id}", f"rerun:      {self.new_run_id}", ""]
+        lines += ["| metric | logged | rerun | diff |", "|---|---|---|---|"]
         for key in COMPARED:
             old, new = self.original.get(key), self.new.get(key)
             diff = "" if old is None or new is None else f"{new - old:+.6g}"
@@ -85,7 +86,8 @@ def reproduce(run_id: str, uri: str | None = None) -> Reproduction:
     source = original.data.tags.get("transferlab.source_run_id")
     if cfg.backbone.weights == "source" and source:  # the exact source weights, not today's recipe
         cfg.backbone.weights = f"runs:/{source}/model/backbone.safetensors"
-    new = run(cfg, extra_tags={"reproduced_from": run_id})
+    name = f"{original.info.run_name or run_id}-repro"
+    new = run(cfg, extra_tags={"reproduced_from": run_id}, run_name=name)
     found = client.search_runs(
         [original.info.experiment_id],
         f"tags.reproduced_from = '{run_id}'",

@@ -34,7 +34,12 @@ from transferlab.weights import create_backbone, input_spec
 
 
 def run(
-    cfg: DictConfig, *, role: str = "job", backbone_out: Path | None = None, extra_tags: dict[str, str] | None = None
+    cfg: DictConfig,
+    *,
+    role: str = "job",
+    backbone_out: Path | None = None,
+    extra_tags: dict[str, str] | None = None,
+    run_name: str | None = None,
 ) -> dict[str, float]:
     """Train and test one job; every result lands in one MLflow run (marked FAILED on error)."""
     validate(cfg)
@@ -53,7 +58,7 @@ def run(
         **source_tags,
         **(extra_tags or {}),
     }
-    tracker.start(_run_name(cfg), tags, parent_run_id() if role == "job" else None)
+    tracker.start(run_name or _run_name(cfg), tags, parent_run_id() if role == "job" else None)
     # The config goes in first, so a run that fails later still says what it was.
     tracker.log_params(flatten(cfg) | _hydra_overrides())
     tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
