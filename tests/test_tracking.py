@@ -97,3 +97,29 @@ def test_resume_skips_a_job_that_already_finished(store) -> None:
     assert again["test/acc"] == first["test/acc"]
     run(compose_config([*FAST, "study=resume", "tracking.resume=true", "seed=1"]))
     assert len(client.search_runs([client.get_experiment_by_name("resume").experiment_id])) == 2
+
+
+def test_training_semantics_version_is_part_of_every_hash(cfg, monkeypatch) -> None:
+    from transferlab import identity
+    from transferlab.pretrain import source_config
+
+    source_cfg = compose_config([*FAST, "backbone=resnet18", "backbone.weights=source"])
+    now = (config_hash(cfg), condition_hash(cfg), config_hash(source_config(source_cfg)))
+    monkeypatch.setattr(identity, "TRAINING_SEMANTICS", identity.TRAINING_SEMANTICS - 1)
+    older = (config_hash(cfg), condition_hash(cfg), config_hash(source_config(source_cfg)))
+    assert all(a != b for a, b in zip(now, older, strict=True))  # resume, report pooling, source cache
+
+
+def test_resume_never_returns_a_run_made_by_older_training_code(store, monkeypatch) -> None:
+    from transferlab import identity
+    from transferlab.train import run
+
+    cfg = compose_config([*FAST, "study=semantics", "tracking.resume=true"])
+    with monkeypatch.context() as patch:
+        patch.setattr(identity, "TRAINING_SEMANTICS", identity.TRAINING_SEMANTICS - 1)
+        run(cfg)
+    run(cfg)
+    client = mlflow.MlflowClient(store)
+    runs = client.search_runs([client.get_experiment_by_name("semantics").experiment_id])
+    assert len(runs) == 2  # the old-code result was not handed back
+    assert {r.data.tags["transferlab.training_semantics"] for r in runs} == {"1", "2"}

@@ -30,12 +30,20 @@ def flatten(cfg: DictConfig) -> dict[str, str]:
     return out
 
 
+# Bump whenever the same config would train differently (a bug fix in freezing, phases, data
+# order, ...): it is folded into every config hash, so `tracking.resume` and the source-model
+# cache never hand back results made by older code. History: 2 = frozen BatchNormAct2d stats.
+TRAINING_SEMANTICS = 2
+
+
 def config_hash(cfg: DictConfig, exclude: tuple[str, ...] = ("tracking",)) -> str:
-    """Stable short hash of the resolved config (tracking excluded: where a run is logged does
-    not change what it computes). Resume-by-hash and the source-model cache key on it."""
+    """Stable short hash of the resolved config and the training-semantics version (tracking
+    excluded: where a run is logged does not change what it computes). Resume-by-hash and the
+    source-model cache key on it."""
     data = OmegaConf.to_container(cfg, resolve=True)
     for key in exclude:
         data.pop(key, None)
+    data["__training_semantics__"] = TRAINING_SEMANTICS
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -59,6 +67,7 @@ def environment_tags() -> dict[str, str]:
         "transferlab.timm": timm.__version__,
         "transferlab.mlflow": mlflow.__version__,
         "transferlab.device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "transferlab.training_semantics": str(TRAINING_SEMANTICS),
     }
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
