@@ -100,8 +100,9 @@ def _fit_and_test(
     tracker.set_tags({f"transferlab.backbone.{k}": v for k, v in backbone.tags.items()})
     tracker.log_text(format_table(stage_table(module.backbone, stages, spec.size, set(target))), "stages.md")
     _log_hydra_dir(tracker)
-    counts = {f"data/{split}_size": sum(c.values()) for split, c in data.counts.items()}
-    tracker.log_metrics(counts | {f"data/{s}/{k}": v for s, c in data.counts.items() for k, v in c.items()})
+    counts = {k: v for k, v in data.count_metrics().items() if k.endswith("_size")}
+    tracker.log_metrics(data.count_metrics())
+    tracker.log_text(data.class_table(), "classes.json")
     tracker.set_tags(
         {
             "transferlab.subset_hash": data.subset_hash,

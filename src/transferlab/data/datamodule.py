@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytorch_lightning as pl
 import torch
@@ -130,6 +132,23 @@ class TransferDataModule(pl.LightningDataModule):
         self.counts = {
             name: {c: int((y == i).sum()) for i, c in enumerate(self.class_names)} for name, (_, y) in splits.items()
         }
+
+    def count_metrics(self) -> dict[str, float]:
+        """Images per split and per class. Classes are keyed by index, never by name: MLflow keys
+        allow only `[A-Za-z0-9_-. /:]`, and class names hold anything (Flowers102's `colt's foot`,
+        a folder called `a, b`); the names go in `class_table`, logged as an artifact."""
+        out = {f"data/{split}_size": float(sum(c.values())) for split, c in self.counts.items()}
+        for split, by_name in self.counts.items():
+            out |= {f"data/{split}/class{i}": float(by_name[name]) for i, name in enumerate(self.class_names)}
+        return out
+
+    def class_table(self) -> str:
+        """JSON list of {index, name, <split>: count}: what `data/<split>/class<i>` means."""
+        rows = [
+            {"index": i, "name": name} | {split: by_name[name] for split, by_name in self.counts.items()}
+            for i, name in enumerate(self.class_names)
+        ]
+        return json.dumps(rows, ensure_ascii=False, indent=1)
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         dataset = _IndexBatches(*self.splits[split])
