@@ -6,22 +6,26 @@ import math
 
 import pandas as pd
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from scipy import stats
 
 from transferlab.errors import ConfigError
-from transferlab.report import ci_halfwidth, pareto_front, summarize, verdict, write_report
+from transferlab.plot import accuracy_figure, pareto_front, spread_equal_x
+from transferlab.report import render_markdown, summarize, write_report
+from transferlab.stats import ci_halfwidth, holm, verdict
 
 
-def _run(strategy: str, seed: int, acc: float, data: str = "similar", size: int = 30, **params):
+def _run(strategy: str, seed: int, acc: float, data: str = "similar", size: int = 30, flops=None, **params):
     """One loaded-run row as `load_runs` returns it; condition = all params except the seed."""
     p = {"data.name": data, "finetune.strategy": strategy, "optim.lr": "0.01"} | params
+    flops = flops or (1e12 if strategy == "fine_tune" else 3e11)
     return {
         "run_id": f"{strategy}-{seed}-{acc}",
         "condition_hash": repr(sorted(p.items())),
         "seed": seed,
         "test_acc": acc,
         "train_size": size,
-        "train_flops": 1e12 if strategy == "fine_tune" else 3e11,
+        "train_flops": flops,
         "train_flops_per_sample": 1e9,
         "fit_seconds": 2.0,
         "trainable_params": 1000,
@@ -46,7 +50,7 @@ def test_single_seed_has_no_interval():
     runs = pd.DataFrame([_run("probe", 0, 0.7), _run("scratch", 0, 0.6)])
     tables = summarize(runs)
     assert tables.summary["acc_ci95_pct"].isna().all()
-    assert tables.pairs["verdict"].tolist() == ["too few seeds"]
+    assert tables.pairs["verdict"].tolist() == ["too few seeds (n=1 < 3)"]
 
 
 def test_paired_verdicts_separate_signal_from_noise():
@@ -67,10 +71,107 @@ def test_paired_verdicts_separate_signal_from_noise():
 
 
 def test_verdict_sign_and_edges():
-    assert verdict(-5.0, 1.0, 3) == "B > A (significant)"
-    assert verdict(5.0, 6.0, 3) == "within noise"
-    assert verdict(0.0, 0.0, 3) == "within noise"
-    assert verdict(5.0, math.nan, 1) == "too few seeds"
+    assert verdict([-5, -4, -6], 0.01) == "B > A (significant)"
+    assert verdict([5, 4, 6], 0.01) == "A > B (significant)"
+    assert verdict([5, 4, 6], 0.2) == "within noise"  # the Holm-adjusted p decides, not the raw CI
+    assert verdict([30, 40], 0.001).startswith("too few seeds")  # n = 2: never a verdict
+    assert verdict([5.6, 5.6, 5.6], math.nan).startswith("degenerate")
+
+
+def test_quantised_interval_is_no_verdict():
+    """18 test images: accuracy moves in steps of 5.6 pts; a CI narrower than one step is an artefact."""
+    step = 100 / 18
+    diffs = [step] * 9 + [2 * step]
+    assert ci_halfwidth(diffs) < step
+    assert verdict(diffs, 1e-6, quantum=step).startswith("quantised")
+    assert verdict(diffs, 1e-6, quantum=100 / 1000) == "A > B (significant)"
+
+
+def test_holm_adjustment_by_hand():
+    # sorted p: 0.01*3 = 0.03, 0.03*2 = 0.06, max(0.06, 0.04*1) = 0.06
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    adjusted = holm([0.02, math.nan])  # untested pairs do not count as tests
+    assert adjusted[0] == pytest.approx(0.02)
+    assert math.isnan(adjusted[1])
+
+
+def test_many_comparisons_make_a_marginal_difference_noise():
+    # probe - scratch = +4, +5, +6 pts: p = 0.013 alone, significant; among 6 strategies (15 pairs) it is not.
+    rows = [_run("scratch", s, 0.5) for s in range(3)] + [
+        _run("probe", s, 0.5 + d) for s, d in enumerate([0.04, 0.05, 0.06])
+    ]
+    alone = summarize(pd.DataFrame(rows)).pairs
+    assert alone["p"].iloc[0] == pytest.approx(stats.ttest_1samp([4, 5, 6], 0).pvalue)
+    assert alone["verdict"].iloc[0] == "A > B (significant)"
+    noise = [0.0, 0.3, -0.3]
+    rows += [_run(f"other{k}", s, 0.5 + noise[(s + k) % 3]) for k in range(4) for s in range(3)]
+    pairs = summarize(pd.DataFrame(rows)).pairs.set_index(["a", "b"])
+    assert pairs.loc[("probe", "scratch"), "verdict"] == "within noise"
+    assert pairs.loc[("probe", "scratch"), "p_holm"] > 0.05
+
+
+def test_accuracy_interval_is_clipped_to_100():
+    row = _row(summarize(pd.DataFrame([_run("probe", s, a) for s, a in enumerate([1.0, 1.0, 0.97])])).summary, "probe")
+    assert row["acc_mean_pct"] + row["acc_ci95_pct"] > 100
+    assert row["acc_ci_high_pct"] == 100
+    assert row["acc_ci_low_pct"] == pytest.approx(row["acc_mean_pct"] - row["acc_ci95_pct"])
+
+
+def _tradeoff_tables():
+    rows = [_run("fine_tune", s, a) for s, a in enumerate([0.80, 0.70, 0.90])]
+    rows += [_run("probe", s, a, flops=3.1e11) for s, a in enumerate([0.70, 0.72, 0.74])]
+    rows += [_run("scratch", s, a, flops=1e12) for s, a in enumerate([0.81, 0.71, 0.86])]
+    rows += [_run("tiny", s, a, flops=1e10) for s, a in enumerate([0.30, 0.31, 0.33])]
+    return summarize(pd.DataFrame(rows))
+
+
+def test_findings_name_winner_and_cheapest_within_noise_with_cost_ratio():
+    text = render_markdown("t", _tradeoff_tables(), None)
+    (line,) = [x for x in text.splitlines() if x.startswith("- **similar / 30 train**")]
+    assert "highest mean fine_tune 80.0%" in line
+    assert "Cheapest within noise of it: probe: 0.31x the FLOPs, -8.0 pts" in line
+    assert "Cheapest overall: tiny: 0.01x the FLOPs, -48.7 pts (A > B (significant))" in line
+
+
+def test_imagefolder_target_is_named_after_its_folder():
+    rows = [_run("probe", s, 0.5, data="imagefolder", **{"data.root": "/data/leaves/"}) for s in range(3)]
+    assert summarize(pd.DataFrame(rows)).summary["target"].tolist() == ["leaves / 30 train"]
+
+
+def test_report_records_software_versions():
+    runs = pd.DataFrame(
+        [
+            _run("probe", s, 0.5) | {"version.torch": "2.9.1", "version.timm": t}
+            for s, t in enumerate(["1.0.1", "1.0.1", "1.0.2"])
+        ]
+    )
+    text = render_markdown("t", summarize(runs), None)
+    assert "software: torch 2.9.1, timm 1.0.1 / 1.0.2 (mixed)" in text
+
+
+def test_equal_flops_points_are_pulled_apart():
+    offsets = spread_equal_x([1e9, 1e9, 5e9, 1.001e9])
+    assert len({offsets[0], offsets[1], offsets[3]}) == 3
+    assert offsets[2] == 1.0
+
+
+def test_plot_is_a_grid_with_the_legend_outside_every_panel():
+    tables = _tradeoff_tables()
+    runs = pd.concat([tables.runs.assign(target=f"t{k}") for k in range(4)])
+    summary = pd.concat([tables.summary.assign(target=f"t{k}") for k in range(4)])
+    fig = accuracy_figure(tables._replace(runs=runs, summary=summary))
+    width, height = fig.get_size_inches()
+    assert width < 2 * height  # 2 x 2, not one 4-panel row
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    (legend,) = fig.legends
+    box = legend.get_window_extent(renderer)
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert len(panels) == 4
+    assert all(not box.overlaps(ax.get_window_extent(renderer)) for ax in panels)
+    labels = [t.get_text() for t in legend.get_texts()]
+    assert any("Pareto front" in t for t in labels)
+    assert {"fine_tune", "probe", "scratch", "tiny"} <= set(labels)
 
 
 def test_pairs_only_within_a_target_and_only_shared_seeds():

@@ -1,22 +1,32 @@
 """Accuracy-vs-compute report over a study's MLflow runs.
 
-Means and 95% confidence intervals over seeds, paired comparisons that say plainly which
-differences are within noise, and a Pareto plot of accuracy against training FLOPs.
+Means and 95% confidence intervals over seeds, paired comparisons (Holm-corrected) that say
+plainly which differences are within noise, findings in words (the winner and the cheapest
+strategy within noise of it), and a Pareto plot of accuracy against training FLOPs.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from transferlab.errors import ConfigError
+from transferlab.plot import plot_accuracy_vs_compute
+from transferlab.stats import (
+    MIN_SEEDS,
+    SIGNIFICANT,
+    WITHIN_NOISE,
+    ci_halfwidth,
+    clipped_interval,
+    holm,
+    paired_p,
+    verdict,
+)
 
 ROLE_TAG = "transferlab.role"
 METRICS = {
@@ -26,11 +36,13 @@ METRICS = {
     "compute/train_flops_per_sample": "train_flops_per_sample",
     "compute/fit_seconds": "fit_seconds",
     "compute/trainable_params": "trainable_params",
+    "data/test_size": "test_size",
 }
+# Run tags (identity.environment_tags) that say which software produced the numbers.
+VERSION_TAGS = ("python", "torch", "lightning", "timm", "mlflow", "device")
 # Params that differ between runs of one condition by design; never part of a strategy label.
 # These vary between runs without changing what the job computes.
 NOT_CONDITION = {"seed", "study", "hydra.overrides", "tracking.experiment", "tracking.uri"}
-SIGNIFICANT = ("A > B (significant)", "B > A (significant)")
 
 
 class Tables(NamedTuple):
@@ -56,6 +68,8 @@ def load_runs(client: Any, experiment: str) -> pd.DataFrame:
             row = {"run_id": run.info.run_id, "start_time": run.info.start_time}
             row |= {"condition_hash": cond, "seed": _as_seed(params.get("seed"))}
             row |= {col: run.data.metrics.get(key, np.nan) for key, col in METRICS.items()}
+            row |= {f"version.{k}": tags.get(f"transferlab.{k}") for k in VERSION_TAGS}
+            row["version.git"] = tags.get("mlflow.source.git.commit")
             rows.append(row | {f"params.{k}": v for k, v in params.items()})
         token = page.token
         if not token:
@@ -81,7 +95,7 @@ def label_runs(runs: pd.DataFrame) -> pd.DataFrame:
     so they are never averaged together. A rerun of the same condition and seed keeps the latest.
     """
     df = runs.copy()
-    df["data_name"] = df["params.data.name"].astype(str)
+    df["data_name"] = [target_name(p) for p in df.filter(like="params.data.").to_dict("records")]
     df["target"] = [
         f"{d} / {int(s)} train" if pd.notna(s) else f"{d} / ? train" for d, s in zip(df["data_name"], df["train_size"])
     ]
@@ -102,23 +116,12 @@ def label_runs(runs: pd.DataFrame) -> pd.DataFrame:
     return counted
 
 
-def ci_halfwidth(values: Sequence[float], confidence: float = 0.95) -> float:
-    """Student-t half-width of the mean's CI; NaN for fewer than two values (no spread known)."""
-    x = np.asarray(values, dtype=float)
-    if len(x) < 2:
-        return math.nan
-    return float(stats.t.ppf(0.5 + confidence / 2, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
-
-
-def verdict(mean: float, half: float, n: int) -> str:
-    """Significant only when the paired CI excludes zero; otherwise say it is noise."""
-    if n < 2:
-        return "too few seeds"
-    if mean - half > 0:
-        return SIGNIFICANT[0]
-    if mean + half < 0:
-        return SIGNIFICANT[1]
-    return "within noise"
+def target_name(params: dict[str, Any]) -> str:
+    """A data set's display name: an image folder is named after its folder, not `imagefolder`."""
+    name, root = str(params.get("params.data.name")), params.get("params.data.root")
+    if name == "imagefolder" and isinstance(root, str) and root not in ("", "None", "???"):
+        return Path(root.rstrip("/")).name or name
+    return name
 
 
 def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
@@ -137,6 +140,9 @@ def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
                 "acc_mean_pct": acc.mean(),
                 "acc_std_pct": acc.std(ddof=1) if len(acc) > 1 else math.nan,
                 "acc_ci95_pct": ci_halfwidth(acc),
+                "acc_ci_low_pct": clipped_interval(acc.mean(), ci_halfwidth(acc))[0],
+                "acc_ci_high_pct": clipped_interval(acc.mean(), ci_halfwidth(acc))[1],
+                "test_size": g["test_size"].min() if "test_size" in g else math.nan,
                 "train_flops": g["train_flops"].mean(),
                 "train_flops_per_sample": g["train_flops_per_sample"].mean(),
                 "fit_seconds": g["fit_seconds"].mean(),
@@ -148,16 +154,23 @@ def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def pair_table(runs: pd.DataFrame, summary: pd.DataFrame) -> pd.DataFrame:
-    """Paired-by-seed differences A - B (pts) for every strategy pair within a target."""
-    rows = []
+    """Paired-by-seed differences A - B (pts) for every strategy pair within a target; p-values
+    Holm-corrected over every pair of the study (the family a reader scans for "significant")."""
+    rows, diffs = [], []
     for target, s in summary.groupby("target", sort=False):
         acc = runs[runs["target"] == target].pivot(index="seed", columns="strategy", values="test_acc")
+        quantum = 100 / s["test_size"].min() if s["test_size"].min() > 0 else math.nan
         for a, b in itertools.combinations(s["strategy"], 2):
             diff = ((acc[a] - acc[b]) * 100).dropna().to_numpy()
             n, mean, half = len(diff), diff.mean() if len(diff) else math.nan, ci_halfwidth(diff)
-            rows.append((target, a, b, n, mean, mean - half, mean + half, verdict(mean, half, n)))
-    cols = ["target", "a", "b", "n", "diff_mean_pts", "ci_low_pts", "ci_high_pts", "verdict"]
-    return pd.DataFrame(rows, columns=cols)
+            testable = n >= MIN_SEEDS
+            rows.append([target, a, b, n, mean, mean - half, mean + half, paired_p(diff) if testable else math.nan])
+            diffs.append((diff, quantum))
+    cols = ["target", "a", "b", "n", "diff_mean_pts", "ci_low_pts", "ci_high_pts", "p"]
+    pairs = pd.DataFrame(rows, columns=cols)
+    pairs["p_holm"] = holm(pairs["p"].tolist()) if len(pairs) else []
+    pairs["verdict"] = [verdict(d, p, q) for (d, q), p in zip(diffs, pairs["p_holm"])]
+    return pairs
 
 
 def summarize(runs: pd.DataFrame) -> Tables:
@@ -167,46 +180,72 @@ def summarize(runs: pd.DataFrame) -> Tables:
     return Tables(labelled, summary, pair_table(labelled, summary))
 
 
-def pareto_front(x: Sequence[float], y: Sequence[float]) -> list[int]:
-    """Indices of points that no cheaper-or-equal point matches in accuracy, by increasing x."""
-    order = sorted(range(len(x)), key=lambda i: (x[i], -y[i]))
-    front, best = [], -math.inf
-    for i in order:
-        if y[i] > best:
-            front.append(i)
-            best = y[i]
-    return front
+def _verdict_for(pairs: pd.DataFrame, target: str, winner: str, other: str) -> str:
+    """The pair's verdict read from the winner's side (A = winner)."""
+    row = pairs[(pairs["target"] == target) & (pairs[["a", "b"]].isin([winner, other]).all(axis=1))].iloc[0]
+    if row["a"] == winner or row["verdict"] not in SIGNIFICANT:
+        return row["verdict"]
+    return SIGNIFICANT[1 - SIGNIFICANT.index(row["verdict"])]
+
+
+def _cost(row: Any, best: Any) -> str:
+    ratio = row.train_flops / best.train_flops if best.train_flops > 0 else math.nan
+    return f"{row.strategy}: {_num(ratio, '.2f')}x the FLOPs, {row.acc_mean_pct - best.acc_mean_pct:+.1f} pts"
+
+
+def target_findings(target: str, s: pd.DataFrame, pairs: pd.DataFrame) -> str:
+    """One target in words: the best mean, what it beats, and the cheapest strategy the data
+    cannot tell apart from it, with its cost ratio (the trade-off a user is choosing)."""
+    best, others = s.iloc[0], s.iloc[1:]
+    line = f"- **{target}**: highest mean {best.strategy} {best.acc_mean_pct:.1f}%"
+    verdicts = {o.strategy: _verdict_for(pairs, target, best.strategy, o.strategy) for o in others.itertuples()}
+    beaten = [n for n, v in verdicts.items() if v == SIGNIFICANT[0]]
+    tied = others[others["strategy"].isin([n for n, v in verdicts.items() if v == WITHIN_NOISE])]
+    unjudged = [n for n, v in verdicts.items() if v not in (*SIGNIFICANT, WITHIN_NOISE)]
+    line += f"; significantly above {', '.join(beaten)}" if beaten else ""
+    line += f"; within noise of {', '.join(tied['strategy'])}" if len(tied) else ""
+    line += f"; not judged ({', '.join(f'{n}: {verdicts[n]}' for n in unjudged)})" if unjudged else ""
+    cheaper = tied[tied["train_flops"] < best.train_flops].sort_values("train_flops")
+    if len(cheaper):
+        line += f". Cheapest within noise of it: {_cost(cheaper.iloc[0], best)}"
+    elif len(tied) or beaten:
+        line += ". Nothing cheaper is within noise of it"
+    cheapest = s.sort_values("train_flops").iloc[0]
+    if cheapest.strategy != best.strategy and (not len(cheaper) or cheapest.strategy != cheaper.iloc[0].strategy):
+        line += f". Cheapest overall: {_cost(cheapest, best)} ({verdicts[cheapest.strategy]})"
+    return line + "."
 
 
 def findings(tables: Tables) -> list[str]:
-    """Markdown bullet lines generated from the pairs: winners, significant gaps, noise."""
+    """Markdown bullet lines generated from the pairs: per-target trade-offs, then every pair."""
     p, lines = tables.pairs, []
     for target, s in tables.summary.groupby("target", sort=False):
-        top = s["strategy"].iloc[0]
-        tp = p[(p["target"] == target) & (p["a"] == top)]
-        beaten = tp.loc[tp["verdict"] == SIGNIFICANT[0], "b"].tolist()
-        tied = tp.loc[~tp["verdict"].isin(SIGNIFICANT), "b"].tolist()
-        line = f"- **{target}**: highest mean is {top} ({s['acc_mean_pct'].iloc[0]:.1f}%)"
-        line += f"; significantly above {', '.join(beaten)}" if beaten else ""
-        line += f"; NOT distinguishable from {', '.join(tied)}" if tied else ""
-        lines.append(line + ".")
+        lines.append(target_findings(target, s, p))
     sig = p[p["verdict"].isin(SIGNIFICANT)]
     sig = sig.reindex(sig["diff_mean_pts"].abs().sort_values(ascending=False).index)
-    lines += ["", f"Significant differences ({len(sig)}), largest first:"]
+    lines += ["", f"Significant differences ({len(sig)} of {len(p)} tested), largest first:"]
     for r in sig.itertuples():
         win, lose = (r.a, r.b) if r.diff_mean_pts > 0 else (r.b, r.a)
         lines.append(
-            f"- {r.target}: {win} > {lose} by {abs(r.diff_mean_pts):.1f} pts (95% CI {_ci(r)}, n={r.n} paired seeds)"
+            f"- {r.target}: {win} > {lose} by {abs(r.diff_mean_pts):.1f} pts "
+            f"(95% CI {_ci(r)}, Holm p={_p(r.p_holm)}, n={r.n} paired seeds)"
         )
-    noise = p[p["verdict"] == "within noise"]
-    lines += ["", f"Within noise ({len(noise)}): the data cannot tell these apart:"]
+    noise = p[p["verdict"] == WITHIN_NOISE]
+    lines += ["", f"Within noise ({len(noise)}): not significant after Holm's correction; cannot tell apart:"]
     for r in noise.itertuples():
-        lines.append(f"- {r.target}: {r.a} vs {r.b}: {r.diff_mean_pts:+.1f} pts (95% CI {_ci(r)}, n={r.n})")
-    few = p[p["verdict"] == "too few seeds"]
-    if len(few):
-        lines += ["", f"Too few shared seeds to judge ({len(few)}):"]
-        lines += [f"- {r.target}: {r.a} vs {r.b} (n={r.n})" for r in few.itertuples()]
+        lines.append(
+            f"- {r.target}: {r.a} vs {r.b}: {r.diff_mean_pts:+.1f} pts "
+            f"(95% CI {_ci(r)}, Holm p={_p(r.p_holm)}, n={r.n})"
+        )
+    other = p[~p["verdict"].isin([*SIGNIFICANT, WITHIN_NOISE])]
+    if len(other):
+        lines += ["", f"No verdict ({len(other)}): too few seeds, or an interval that means nothing:"]
+        lines += [f"- {r.target}: {r.a} vs {r.b}: {r.verdict}" for r in other.itertuples()]
     return lines
+
+
+def _p(v: float) -> str:
+    return "n/a" if pd.isna(v) else f"{v:.2g}"
 
 
 def _ci(r: Any) -> str:
@@ -222,6 +261,20 @@ def _flops(v: float) -> str:
         return _num(v, ".3g")
     exp = min(int(math.log10(v) // 3), 5)
     return f"{v / 10 ** (3 * exp):.3g} {['', 'k', 'M', 'G', 'T', 'P'][exp]}"
+
+
+def _interval(low: float, high: float) -> str:
+    return "n/a" if pd.isna(low) else f"{low:.1f} to {high:.1f}"
+
+
+def software(runs: pd.DataFrame) -> str:
+    """Versions the runs were made with (from their tags); mixed versions are listed, not hidden."""
+    parts = []
+    for col in [c for c in runs.columns if c.startswith("version.")]:
+        values = sorted({str(v)[:12] if col == "version.git" else str(v) for v in runs[col].dropna()})
+        if values:
+            parts.append(f"{col[8:]} {' / '.join(values)}{' (mixed)' if len(values) > 1 else ''}")
+    return ", ".join(parts) or "not recorded (runs carry no version tags)"
 
 
 def _md_table(headers: list[str], rows: list[list[str]]) -> list[str]:
@@ -242,12 +295,13 @@ def render_markdown(experiment: str, tables: Tables, sweep_run_id: str | None) -
         f"- {summary['target'].nunique()} targets, {len(summary)} target x strategy conditions",
         f"- seeds: {seeds}",
         f"- sweep run: {sweep_run_id or 'none found'}",
-        "- accuracy = test accuracy in %; CI = 95% Student-t interval over seeds",
+        "- accuracy = test accuracy in %; CI = 95% Student-t interval over seeds, clipped to [0, 100]",
+        f"- software: {software(runs)}",
         "",
         "## Summary per target",
         "",
     ]
-    head = ["strategy", "n", "acc mean", "std", "95% CI ±", "train FLOPs", "FLOPs/sample"]
+    head = ["strategy", "n", "acc mean", "std", "95% CI", "train FLOPs", "FLOPs/sample"]
     for target, s in summary.groupby("target", sort=False):
         rows = [
             [
@@ -255,7 +309,7 @@ def render_markdown(experiment: str, tables: Tables, sweep_run_id: str | None) -
                 str(r.n),
                 _num(r.acc_mean_pct),
                 _num(r.acc_std_pct),
-                _num(r.acc_ci95_pct),
+                _interval(r.acc_ci_low_pct, r.acc_ci_high_pct),
                 _flops(r.train_flops),
                 _flops(r.train_flops_per_sample),
                 _num(r.fit_seconds),
@@ -263,49 +317,29 @@ def render_markdown(experiment: str, tables: Tables, sweep_run_id: str | None) -
             ]
             for r in s.itertuples()
         ]
-        lines += [f"### {target}", ""] + _md_table([*head, "fit s", "trainable params"], rows)
+        test = f" ({_num(s['test_size'].min(), '.0f')} test images: 1 image = {_num(100 / s['test_size'].min())} pts)"
+        lines += [f"### {target}{test if s['test_size'].min() > 0 else ''}", ""]
+        lines += _md_table([*head, "fit s", "trainable params"], rows)
         by_std = s.sort_values("acc_std_pct")
         stds = ", ".join(f"{r.strategy} {_num(r.acc_std_pct)}" for r in by_std.itertuples())
         lines += [f"Seed std (pts), lowest first: {stds}", ""]
     lines += ["## Paired comparisons (A - B, paired by seed)", ""]
     rows = [
-        [r.target, r.a, r.b, str(r.n), _num(r.diff_mean_pts, "+.1f"), _ci(r), r.verdict] for r in pairs.itertuples()
+        [r.target, r.a, r.b, str(r.n), _num(r.diff_mean_pts, "+.1f"), _ci(r), _p(r.p_holm), r.verdict]
+        for r in pairs.itertuples()
     ]
-    lines += _md_table(["target", "A", "B", "n", "mean diff (pts)", "95% CI", "verdict"], rows)
-    caveat = f"{len(pairs)} comparisons, no multiple-comparison correction: mind marginal ones."
-    lines += ["## Findings", "", f"Significant = the paired 95% CI excludes 0; {caveat}", ""]
+    lines += _md_table(["target", "A", "B", "n", "mean diff (pts)", "95% CI", "Holm p", "verdict"], rows)
+    tested = int(pairs["p"].notna().sum())
+    lines += [
+        "## Findings",
+        "",
+        f"Significant = paired t-test over seeds, Holm-corrected over the {tested} comparisons tested in this "
+        f"study, p < 0.05 (the 95% CIs shown are per comparison, uncorrected). No verdict with fewer than "
+        f"{MIN_SEEDS} paired seeds, when every seed gives the same difference, or when the interval is "
+        "narrower than one test image. Cost ratios are training FLOPs relative to the highest mean.",
+        "",
+    ]
     return "\n".join(lines + findings(tables)) + "\n"
-
-
-def plot_accuracy_vs_compute(tables: Tables, path: Path) -> None:
-    """Runs as faint dots, strategy means with CI bars, and the Pareto front as a step line."""
-    from matplotlib.figure import Figure  # no pyplot: no global backend state (Agg canvas)
-
-    runs, summary, _ = tables
-    targets = list(dict.fromkeys(summary["target"]))
-    names = sorted(summary["strategy"].unique())
-    colours = {n: f"C{i % 10}" for i, n in enumerate(names)}
-    fig = Figure(figsize=(5.5 * len(targets), 4.5), layout="constrained")
-    for ax, target in zip(fig.subplots(1, len(targets), squeeze=False)[0], targets):
-        s = summary[summary["target"] == target].reset_index(drop=True)
-        r = runs[runs["target"] == target]
-        for row in s.itertuples():
-            c = colours[row.strategy]
-            pts = r[r["strategy"] == row.strategy]
-            ax.scatter(pts["train_flops"], pts["test_acc"] * 100, color=c, alpha=0.3, s=12)
-            err = 0 if pd.isna(row.acc_ci95_pct) else row.acc_ci95_pct
-            label = f"{row.strategy} (n={row.n})"
-            ax.errorbar(row.train_flops, row.acc_mean_pct, err, fmt="o", c=c, capsize=4, label=label)
-        ok = s[s["train_flops"] > 0].reset_index(drop=True)
-        front = ok.iloc[pareto_front(ok["train_flops"].tolist(), ok["acc_mean_pct"].tolist())]
-        if len(front):
-            fx, fy = front["train_flops"], front["acc_mean_pct"]
-            ax.step(fx, fy, "k--", where="post", lw=1, label="Pareto front (means)")
-            ax.scatter(fx, fy, s=160, facecolors="none", edgecolors="k")
-            ax.set_xscale("log")
-        ax.set(title=target, xlabel="training FLOPs per run", ylabel="test accuracy (%)")
-        ax.legend(fontsize="small")
-    fig.savefig(path, dpi=120)
 
 
 def write_report(
