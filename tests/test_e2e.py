@@ -64,16 +64,37 @@ def test_multirun_logs_one_child_run_per_job(store: str, tmp_path: Path) -> None
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "report")} >= {"report/report.md"}
 
 
-def test_a_failing_job_marks_its_run_and_the_sweep_failed(store: str, tmp_path: Path) -> None:
-    # 500 digits per class do not exist: the second job fails when its data is built.
-    result = _cli("train", "-m", *FAST, "study=broken", "data.samples_per_class=5,500", cwd=tmp_path)
-    assert result.returncode != 0
+def test_a_failing_job_is_isolated_and_the_sweep_reports_it(store: str, tmp_path: Path) -> None:
+    # 500 digits per class do not exist: the middle job fails when its data is built; the others run on.
+    result = _cli("train", "-m", *FAST, "study=broken", "data.samples_per_class=5,500,6", cwd=tmp_path)
+    assert result.returncode == 1, result.stderr[-3000:]
     runs = _runs(store, "broken")
     status = {
         r.data.tags["transferlab.role"] + ":" + r.data.params.get("data.samples_per_class", "-"): r.info.status
         for r in runs
     }
-    assert status == {"sweep:-": "FAILED", "job:5": "FINISHED", "job:500": "FAILED"}
+    assert status == {"sweep:-": "FAILED", "job:5": "FINISHED", "job:500": "FAILED", "job:6": "FINISHED"}
+    client = mlflow.MlflowClient(store)
+    (failed,) = [r for r in runs if r.info.status == "FAILED" and r.data.tags["transferlab.role"] == "job"]
+    reason = failed.data.tags["transferlab.failure"]
+    assert reason.startswith("DataError: data.samples_per_class=500")
+    assert "\n" not in reason
+    trace = Path(client.download_artifacts(failed.info.run_id, "error/traceback.txt", str(tmp_path))).read_text()
+    assert trace.startswith("Traceback")
+    assert "DataError" in trace
+    (parent,) = [r for r in runs if r.data.tags["transferlab.role"] == "sweep"]
+    assert {k: v for k, v in parent.data.metrics.items() if k.startswith("sweep/")} == {
+        "sweep/finished": 2,
+        "sweep/failed": 1,
+        "sweep/skipped": 0,
+    }
+    lines = result.stdout.splitlines()
+    assert sum(line.startswith("[job ") for line in lines) == 3
+    assert any(line.startswith("[job 3/3] FINISHED data.samples_per_class=6 | test/acc=") for line in lines), lines
+    (summary,) = [line for line in lines if line.startswith("sweep broken:")]
+    assert summary.startswith("sweep broken: 2 finished, 1 failed, 0 skipped of 3")
+    assert "failed: data.samples_per_class=500 (DataError" in summary
+    assert "workflowType=machine_learning" in result.stdout
 
 
 def test_bad_overrides_fail_before_training_with_one_line(tmp_path: Path) -> None:

@@ -101,24 +101,30 @@ def _hydra(args: list[str]) -> int:
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)
     def task(cfg) -> float:
-        from transferlab.train import run
+        from transferlab.execution import run_job
 
         try:
-            return run(cfg).get("test/acc", float("nan"))
+            return run_job(cfg)
         except TransferlabError as err:
             print(f"transferlab train: error: {err}", file=sys.stderr)
             raise SystemExit(2) from None
         finally:
             _end_distributed()
 
+    from transferlab.execution import print_interrupted
     from transferlab.sweep import SweepCallback
 
     sys.argv = [sys.argv[0], *args]
+    SweepCallback.ledger, SweepCallback.failed = None, 0
     try:
         task()
+    except KeyboardInterrupt:
+        SweepCallback.fail_unfinished("KILLED")
+        print_interrupted(SweepCallback.ledger, args)
+        return 130
     finally:
         SweepCallback.fail_unfinished()
-    return 0
+    return 1 if SweepCallback.failed else 0
 
 
 def _end_distributed() -> None:

@@ -74,6 +74,14 @@ class RunTracker:
         run = self.client.create_run(exp_id, run_name=run_name, tags={**environment_tags(), **tags})
         self.run_id = run.info.run_id
 
+    def attach(self, run_id: str) -> None:
+        """Continue an existing run (a resumed job, a sweep's parent): it reads RUNNING again."""
+        if not self.enabled:
+            return
+        self.client, _ = experiment_id(self.cfg)
+        self.run_id = run_id
+        self.client.update_run(run_id, status="RUNNING")
+
     def log_params(self, params: dict[str, str]) -> None:
         if self.run_id:
             self.client.log_batch(self.run_id, params=[Param(k, v[:6000]) for k, v in params.items()])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ from transferlab.compute import (
 )
 from transferlab.config import validate
 from transferlab.data import build_datamodule
+from transferlab.execution import REASON_TAG, FailOnNonFiniteLoss, format_traceback, report_failure
 from transferlab.finetune import Phase, plan_phases, target_trainable
 from transferlab.identity import condition_hash, config_hash, flatten
 from transferlab.model import TransferModule
@@ -64,8 +66,11 @@ def run(
     tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
     try:
         metrics = _fit_and_test(cfg, tracker, checkpoint, backbone_out)
-    except BaseException:
-        tracker.end("FAILED")
+    except BaseException as err:
+        status, reason = report_failure(err)
+        tracker.set_tags({REASON_TAG: reason})
+        tracker.log_text(format_traceback(err), "error/traceback.txt")
+        tracker.end(status)
         raise
     tracker.end()
     return metrics
@@ -170,6 +175,7 @@ def _epochs(cfg: DictConfig, steps_per_epoch: int) -> int:
 
 
 def _trainer(cfg: DictConfig, phase: Phase, epochs: int, val_every: int, callbacks: list) -> pl.Trainer:
+    callbacks = [*callbacks, FailOnNonFiniteLoss()]
     if phase.patience:
         callbacks = [*callbacks, EarlyStopping("val/loss", patience=int(phase.patience))]
     return pl.Trainer(
@@ -185,7 +191,7 @@ def _trainer(cfg: DictConfig, phase: Phase, epochs: int, val_every: int, callbac
         callbacks=callbacks,
         logger=False,
         enable_checkpointing=False,
-        enable_progress_bar=False,
+        enable_progress_bar=sys.stderr.isatty(),  # a per-job bar in a terminal, none in logs
         enable_model_summary=False,
         num_sanity_val_steps=0,
         use_distributed_sampler=False,  # the datamodule shards whole-batch loaders itself
