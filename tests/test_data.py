@@ -353,3 +353,32 @@ def test_torchvision_offline_without_files(tmp_path, source):
     cfg = data_cfg(source=source, classes=None, root=str(tmp_path / "nothing"))
     with pytest.raises(DataError, match=rf"{source} not found under data.root=.*nothing.*download=true"):
         build_datamodule(cfg, RGB16, seed=0)
+
+
+# --- batches -------------------------------------------------------------------------------
+
+
+def _module_of(n: int, batch_size: int):
+    from transferlab.data import TransferDataModule
+
+    labels = torch.arange(n) % 3
+    images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 1, 4, 4).contiguous()
+    splits = {s: (images, labels) for s in ("train", "val", "test")}
+    return TransferDataModule(splits, ["a", "b", "c"], InputSpec(4, 1, (0.0,), (1.0,)), seed=0, batch_size=batch_size)
+
+
+@pytest.mark.parametrize(("n", "batch_size"), [(3 * 43, 64), (8, 7), (65, 64)])
+def test_a_last_training_batch_of_one_image_joins_the_batch_before(n, batch_size):
+    """animals, 3 classes x 43 images at batch 64 left a batch of 1: BatchNorm raises in train mode."""
+    loader = _module_of(n, batch_size).train_dataloader()
+    batches = [y for _, y in loader]
+    assert len(batches) == len(loader) == n // batch_size
+    assert min(len(b) for b in batches) > 1
+    seen = (torch.cat([x.flatten(1)[:, 0] for x, _ in loader]) * 255).round().long()
+    assert sorted(seen.tolist()) == list(range(n))  # every image once, none dropped
+
+
+def test_evaluation_batches_are_untouched():
+    dm = _module_of(129, 64)
+    assert [len(y) for _, y in dm.val_dataloader()] == [64, 64, 1]
+    assert [len(y) for _, y in _module_of(130, 64).train_dataloader()] == [64, 64, 2]

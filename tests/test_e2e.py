@@ -203,3 +203,11 @@ def test_every_experiment_runs(experiment: str, store: str) -> None:
     )
     metrics = run(cfg)
     assert 0.0 <= metrics["test/acc"] <= 1.0
+
+
+def test_training_split_with_a_last_batch_of_one_image_trains(store: str) -> None:
+    # 10 digits x 5 = 50 training images at batch 7: 7 full batches and one image left over,
+    # which made BatchNorm raise "Expected more than 1 value per channel" in train mode.
+    metrics = run(compose_config([*FAST, "data.batch_size=7", "study=one-image"]))
+    assert metrics["data/train_size"] == 50
+    assert metrics["compute/train_samples"] == 50  # the last image trained, folded into batch 7

@@ -94,7 +94,35 @@ class _IndexBatches(Dataset):
 
 
 class _EpochBatches(BatchSampler):
-    """Forwards Lightning's per-epoch `set_epoch` to a DistributedSampler inside, so shards reshuffle."""
+    """Forwards Lightning's per-epoch `set_epoch` to a DistributedSampler inside, so shards reshuffle.
+
+    `fold_single`: a last batch of one image joins the batch before it, because BatchNorm cannot
+    train on one value per channel ("Expected more than 1 value per channel"); no image is dropped.
+    """
+
+    def __init__(self, sampler, batch_size: int, fold_single: bool = False) -> None:
+        super().__init__(sampler, batch_size, drop_last=False)
+        self.fold_single = fold_single
+
+    def _folds(self) -> bool:
+        return self.fold_single and len(self.sampler) % self.batch_size == 1 and len(self.sampler) > 1
+
+    def __iter__(self):
+        batches = super().__iter__()
+        if not self._folds():
+            yield from batches
+            return
+        previous = next(batches)
+        for batch in batches:
+            if len(batch) == 1:
+                batch = previous + batch
+            else:
+                yield previous
+            previous = batch
+        yield previous
+
+    def __len__(self) -> int:
+        return super().__len__() - self._folds()
 
     def set_epoch(self, epoch: int) -> None:
         if hasattr(self.sampler, "set_epoch"):
@@ -165,7 +193,7 @@ class TransferDataModule(pl.LightningDataModule):
             order = SequentialSampler(dataset)
         return DataLoader(
             dataset,
-            sampler=_EpochBatches(order, self.batch_size, drop_last=False),
+            sampler=_EpochBatches(order, self.batch_size, fold_single=train),
             batch_size=None,  # the sampler yields whole index batches
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
