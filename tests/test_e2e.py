@@ -187,6 +187,10 @@ def test_ddp_two_cpu_ranks_log_one_run_and_stay_in_sync(store: str, tmp_path: Pa
     assert only.data.metrics["compute/train_samples"] == 2 * only.data.metrics["data/train_size"]
 
 
+# Studies whose jobs start other jobs: keep those from random init too (no source pretraining).
+SMOKE_EXTRA = {"distill": ["finetune.teacher.overrides=['backbone.weights=scratch','finetune=fine_tune']"]}
+
+
 @pytest.mark.parametrize(
     "experiment", sorted(p.stem for p in (Path(__file__).parents[1] / "experiments").glob("*.yaml"))
 )
@@ -199,6 +203,7 @@ def test_every_experiment_runs(experiment: str, store: str) -> None:
             "trainer.fast_dev_run=true",
             "data.samples_per_class=3",
             "study=smoke",
+            *SMOKE_EXTRA.get(experiment, []),
         ]
     )
     metrics = run(cfg)

@@ -14,6 +14,7 @@ from transferlab.data import validate_data_config
 from transferlab.errors import ConfigError
 from transferlab.finetune import SCHEDULES, target_trainable
 from transferlab.model import OPTIMIZERS
+from transferlab.routes import route_for
 from transferlab.stages import map_stages
 from transferlab.weights import build_model, validate_backbone_config
 
@@ -90,6 +91,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"optim.lr={cfg.optim.lr} must be > 0")
     if int(cfg.trainer.max_epochs) < 1:
         raise ConfigError(f"trainer.max_epochs={cfg.trainer.max_epochs} must be >= 1")
+    route_for(cfg).validate(cfg)
 
 
 def validate_stages(cfg: DictConfig) -> None:

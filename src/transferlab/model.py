@@ -56,6 +56,8 @@ class TransferModule(pl.LightningModule):
     stay in eval mode (BatchNorm running stats fixed, dropout off) even inside `train()`.
     """
 
+    teacher_flops_per_sample = 0.0  # training FLOPs outside forward(): a distillation teacher
+
     def __init__(
         self,
         backbone: nn.Module,

@@ -30,19 +30,21 @@ def resolve_checkpoint(cfg: DictConfig) -> tuple[Path | None, dict[str, str]]:
     if weights == "source":
         return ensure_source(cfg)
     if weights.startswith(REMOTE_PREFIXES):
-        try:
-            folder = Path(cfg.cache_dir).expanduser() / "downloads" / hashlib.sha256(weights.encode()).hexdigest()[:16]
-            folder.mkdir(parents=True, exist_ok=True)
-            local = mlflow.artifacts.download_artifacts(
-                weights, dst_path=str(folder), tracking_uri=tracking_uri(cfg.tracking)
-            )
-        except Exception as err:  # MlflowException, OSError: all mean "not there"
-            raise ConfigError(
-                f"backbone.weights={weights!r} could not be fetched ({err}): check the run id and path"
-            ) from err
         tags = {"transferlab.source_run_id": weights.split("/")[1]} if weights.startswith("runs:/") else {}
-        return Path(local), tags
+        return fetch_artifact(weights, cfg, "backbone.weights"), tags
     return None, {}
+
+
+def fetch_artifact(uri: str, cfg: DictConfig, field: str) -> Path:
+    """Download an MLflow artifact (`runs:/<run_id>/<path>`, ...) into the cache; `field` names
+    the config field that asked for it, for the error."""
+    try:
+        folder = Path(cfg.cache_dir).expanduser() / "downloads" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+        folder.mkdir(parents=True, exist_ok=True)
+        local = mlflow.artifacts.download_artifacts(uri, dst_path=str(folder), tracking_uri=tracking_uri(cfg.tracking))
+        return Path(local)
+    except Exception as err:  # MlflowException, OSError: all mean "not there"
+        raise ConfigError(f"{field}={uri!r} could not be fetched ({err}): check the run id and path") from err
 
 
 def source_config(cfg: DictConfig) -> DictConfig:

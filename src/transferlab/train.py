@@ -29,7 +29,8 @@ from transferlab.execution import REASON_TAG, FailOnNonFiniteLoss, format_traceb
 from transferlab.finetune import Phase, plan_phases, target_trainable
 from transferlab.identity import condition_hash, config_hash, flatten
 from transferlab.model import TransferModule
-from transferlab.stages import format_table, map_stages, stage_table
+from transferlab.routes import build_module
+from transferlab.stages import format_table, stage_table
 from transferlab.sweep import parent_run_id
 from transferlab.tracking import EpochLogger, RunTracker, finished_run
 from transferlab.weights import create_backbone, input_spec
@@ -86,23 +87,16 @@ def _fit_and_test(
 ) -> dict[str, float]:
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     backbone = create_backbone(cfg.backbone, checkpoint)
-    stages = map_stages(backbone.model)
     spec = input_spec(backbone.model, cfg.backbone)
     data = build_datamodule(cfg.data, spec, int(cfg.seed))
-    module = TransferModule(
-        backbone.model,
-        stages,
-        data.num_classes,
-        (spec.in_chans, spec.size, spec.size),
-        cfg.finetune,
-        cfg.optim,
-    )
+    module, route_tags = build_module(cfg, backbone.model, spec, data.num_classes)
+    stages = module.stages
     target = target_trainable(cfg.finetune, stages, module.kept)
     epochs = _epochs(cfg.trainer, len(data.train_dataloader()))
     val_every = max(1, epochs // int(cfg.trainer.max_epochs))  # also the small-data epoch scale
     phases = plan_phases(cfg.finetune, epochs, target, scale=val_every)
 
-    tracker.set_tags({f"transferlab.backbone.{k}": v for k, v in backbone.tags.items()})
+    tracker.set_tags({f"transferlab.backbone.{k}": v for k, v in backbone.tags.items()} | route_tags)
     tracker.log_text(format_table(stage_table(module.backbone, stages, spec.size, set(target))), "stages.md")
     _log_hydra_dir(tracker)
     counts = {k: v for k, v in data.count_metrics().items() if k.endswith("_size")}
@@ -130,7 +124,7 @@ def _fit_and_test(
         ran = trainer.current_epoch
         carried = phase.epochs + carried - ran
         epoch += ran
-        per_sample = training_flops_per_sample(module, costs)
+        per_sample = training_flops_per_sample(module, costs) + module.teacher_flops_per_sample
         train_flops += per_sample * (timer.samples - seen) * trainer.world_size
         tracker.log_metrics({f"compute/{phase.name}_flops_per_sample": per_sample}, step=epoch)
         if trainer.world_size > 1:
@@ -141,7 +135,9 @@ def _fit_and_test(
     metrics |= {
         "compute/train_flops": train_flops,
         "compute/train_flops_per_sample": per_sample,
-        "compute/inference_flops_per_sample": forward_flops(costs),
+        "compute/inference_flops_per_sample": forward_flops(costs),  # the student's alone
+        "compute/teacher_flops_per_sample": module.teacher_flops_per_sample,
+        "compute/teacher_flops": module.teacher_flops_per_sample * timer.samples * trainer.world_size,
         "compute/fit_seconds": timer.seconds,
         "compute/train_samples": timer.samples * trainer.world_size,
         "compute/samples_per_second": timer.samples_per_second,

@@ -76,7 +76,11 @@ def create_backbone(cfg: DictConfig, checkpoint: Path | None = None) -> Backbone
 def load_weights(model: torch.nn.Module, path: Path) -> None:
     """Load a backbone state dict, dropping classifier weights and adapting the first conv to
     the model's input channels (timm sums RGB filters for 1 channel, repeats them for more)."""
-    state = load_state_dict(str(path), weights_only=True)
+    apply_state(model, load_state_dict(str(path), weights_only=True), path.name)
+
+
+def apply_state(model: torch.nn.Module, state: dict[str, torch.Tensor], label: str) -> None:
+    """`load_weights` for a state dict already in memory; `label` names it in errors."""
     own = model.state_dict()
     first_conv = model.pretrained_cfg.get("first_conv")
     for name in [f"{first_conv}.weight"] if first_conv else []:
@@ -88,12 +92,12 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # same names, other shapes: strict=False still raises
         raise ConfigError(
-            f"weights in {path.name} do not fit {type(model).__name__} ({str(err).splitlines()[-1].strip()}): "
+            f"weights in {label} do not fit {type(model).__name__} ({str(err).splitlines()[-1].strip()}): "
             "check backbone.name"
         ) from err
     if missing or unexpected:
         raise ConfigError(
-            f"weights in {path.name} do not fit {type(model).__name__} "
+            f"weights in {label} do not fit {type(model).__name__} "
             f"(missing {missing[:3]}, unexpected {unexpected[:3]}): check backbone.name"
         )
 
