@@ -1,4 +1,4 @@
-"""`transferlab train|pretrain|stages|report|reproduce|ui`: thin wrappers over the modules.
+"""`transferlab train|pretrain|stages|advise|report|reproduce|ui`: thin wrappers over the modules.
 
 `train` hands its arguments to Hydra (`-m` for a multirun); everything else is argparse.
 Errors a user can fix print as one line (exit 2), after validating every sweep value.
@@ -20,6 +20,10 @@ COMMANDS = {
     "train": ("train one job, or a sweep with -m (Hydra overrides)", "transferlab train -m experiment=default"),
     "pretrain": ("train and cache the source model ahead of a sweep", "transferlab pretrain"),
     "stages": ("print a timm backbone's stage table", "transferlab stages resnet18 --input-size 64"),
+    "advise": (
+        "score a target's frozen features per stage in seconds; say which strategy to sweep",
+        "transferlab advise data=digits data.samples_per_class=10",
+    ),
     "report": ("accuracy-vs-compute report of a study", "transferlab report --experiment default"),
     "reproduce": ("rerun a logged run from its MLflow config", "transferlab reproduce <run_id>"),
     "ui": ("MLflow UI on the local store (127.0.0.1)", "transferlab ui --port 5000"),
@@ -51,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         "train": _train,
         "pretrain": _pretrain,
         "stages": _stages,
+        "advise": _advise,
         "report": _report,
         "reproduce": _reproduce,
         "ui": _ui,
@@ -164,6 +169,24 @@ def _stages(args: list[str]) -> int:
     stages = map_stages(model)
     print(f"{opts.backbone}: {len(stages.names)} stages at {size}px")
     print(format_table(stage_table(model, stages, size)))
+    return 0
+
+
+def _advise(args: list[str]) -> int:
+    from transferlab.advise import Settings, advise
+
+    parser = argparse.ArgumentParser(
+        prog="transferlab advise",
+        description="Advice per target from frozen features: overrides as for train; sweeps of data* keys "
+        "(or an experiment's grid) are targets, sweeps of backbone* keys are candidates.",
+    )
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. experiment=default")
+    parser.add_argument("--small-per-class", type=int, default=Settings.small_per_class)
+    parser.add_argument("--different-loss-pts", type=float, default=Settings.different_loss_pts)
+    opts, rest = parser.parse_known_args(args)
+    overrides = [a for a in [*opts.overrides, *rest] if a not in ("-m", "--multirun")]
+    _check_keys([o for o in overrides if "," not in o])
+    advise(overrides, Settings(opts.small_per_class, opts.different_loss_pts))
     return 0
 
 

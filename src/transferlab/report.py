@@ -65,7 +65,7 @@ def load_runs(client: Any, experiment: str) -> pd.DataFrame:
                 continue
             params, tags = run.data.params, run.data.tags
             cond = tags.get("transferlab.condition_hash") or _condition_key(params)
-            row = {"run_id": run.info.run_id, "start_time": run.info.start_time}
+            row = {"run_id": run.info.run_id, "start_time": run.info.start_time, "end_time": run.info.end_time}
             row |= {"condition_hash": cond, "seed": _as_seed(params.get("seed"))}
             row |= {col: run.data.metrics.get(key, np.nan) for key, col in METRICS.items()}
             row |= {f"version.{k}": tags.get(f"transferlab.{k}") for k in VERSION_TAGS}
@@ -365,7 +365,9 @@ def write_report(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / n for n in ("report.md", "summary.csv", "pairs.csv", "accuracy_vs_compute.png")]
-    paths[0].write_text(render_markdown(experiment, tables, parent_run_id))
+    from transferlab.advice_check import advice_report  # a section only when the study has advise runs
+
+    paths[0].write_text(render_markdown(experiment, tables, parent_run_id) + advice_report(client, experiment, tables))
     tables.summary.to_csv(paths[1], index=False)
     tables.pairs.to_csv(paths[2], index=False)
     plot_accuracy_vs_compute(tables, paths[3])

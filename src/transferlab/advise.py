@@ -1,0 +1,301 @@
+"""`transferlab advise`: which of the four classic cases a target is in, in seconds, before a sweep.
+
+For each target (the data overrides, swept ones expanded) and each candidate (swept backbone
+overrides; default the configured backbone), frozen pooled features at the end of every stage are
+extracted once and scored with cheap transferability measures (`transferability.py`). From the
+scores it states, with numbers: small or large (train images per class against a threshold),
+similar or different source (how much the last stage's probe loses against the best stage), the
+best stage to cut at, and the classic recommendation, then prints a verifying sweep command.
+Each target's advice is one MLflow run (role `advise`); the report checks it against the sweep.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, OmegaConf
+
+from transferlab.config import compose_config, validate
+from transferlab.errors import ConfigError
+from transferlab.identity import flatten
+from transferlab.stages import format_table
+from transferlab.tracking import RunTracker
+from transferlab.transferability import knn_accuracy, logme, ridge_probe_accuracy
+
+ROLE = "advise"
+TAG = "transferlab.advise."
+# Classic four cases -> finetune options that implement them (the report checks these).
+STRATEGIES = {
+    ("small", "similar"): ("probe",),
+    ("small", "different"): ("probe_early",),
+    ("large", "similar"): ("fine_tune",),
+    ("large", "different"): ("fine_tune", "scratch"),
+}
+VERIFY = ("scratch", "probe", "probe_early", "fine_tune")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Thresholds of the verdicts; every one is printed next to the number it judges."""
+
+    small_per_class: int = 50  # fewer train images per class than this: a small target
+    different_loss_pts: float = 5.0  # last stage's probe this far below the best stage: different source
+    knn_k: int = 5
+    seeds: tuple[int, ...] = (0, 1, 2)  # of the verifying sweep
+
+
+@dataclass
+class Advice:
+    target: str
+    per_class: int
+    size: str
+    domain: str
+    best_candidate: str
+    best_stage: str
+    last_stage: str
+    loss_pts: float
+    strategies: tuple[str, ...]
+    scores: list[dict] = field(default_factory=list)
+    commands: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def candidate_label(name: str, weights: str) -> str:
+    """How a backbone is named in advise metrics and matched to sweep runs (params backbone.*)."""
+    return f"{name}:{weights}"
+
+
+def _label(cfg: DictConfig) -> str:
+    return candidate_label(str(cfg.backbone.name), str(cfg.backbone.weights))
+
+
+def target_label(data_name: str, train_size: int) -> str:
+    """Same label the report gives a target: data name and train images."""
+    return f"{data_name} / {int(train_size)} train"
+
+
+# --- what to advise on ---------------------------------------------------------------------------
+def expand(overrides: list[str]) -> tuple[list[list[str]], list[list[str]]]:
+    """(targets, candidates) as override lists. Sweeps of `data*` keys (command line and the
+    experiment's grid) give targets; `backbone*` overrides give candidates (swept ones expanded);
+    other sweeps (finetune, seed) are what the sweep compares and are ignored here."""
+    parser = OverridesParser.create()
+    parsed = parser.parse_overrides([o for o in overrides if not o.startswith("-")])
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+    sweeps = {o.get_key_element(): list(o.sweep_string_iterator()) for o in parsed if o.is_sweep_override()}
+    grid = OmegaConf.select(compose_config(fixed, hydra_cfg=True), "hydra.sweeper.params") or {}
+    for key, value in grid.items():
+        override = parser.parse_override(f"{key}={value}")
+        sweeps.setdefault(key, list(override.sweep_string_iterator()) if override.is_sweep_override() else [str(value)])
+
+    def is_backbone(override: str) -> bool:
+        return override.lstrip("+~").split("=")[0].split(".")[0] == "backbone"
+
+    def product(prefix: str) -> list[list[str]]:
+        keys = [k for k in sweeps if k == prefix or k.startswith(prefix + ".")]
+        return [[f"{k}={v}" for k, v in zip(keys, values)] for values in itertools.product(*(sweeps[k] for k in keys))]
+
+    common = [o for o in fixed if not is_backbone(o)]
+    chosen = [o for o in fixed if is_backbone(o)]
+    return [common + t for t in product("data")], [chosen + c for c in product("backbone")]
+
+
+# --- features and scores --------------------------------------------------------------------------
+def stage_features(cfg: DictConfig) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, np.ndarray], list[str]]:
+    """Pooled frozen features at the end of every stage with a timm feature output, one forward per
+    split: ({split: {stage: [N, C]}}, {split: labels}, stage names in forward order)."""
+    from transferlab.data import build_datamodule
+    from transferlab.data.transforms import BatchTransform
+    from transferlab.pretrain import resolve_checkpoint  # may train the source model first
+    from transferlab.stages import map_stages
+    from transferlab.weights import create_backbone, input_spec
+
+    checkpoint, _ = resolve_checkpoint(cfg)
+    model = create_backbone(cfg.backbone, checkpoint).model.eval()
+    stages = map_stages(model)
+    spec = input_spec(model, cfg.backbone)
+    data = build_datamodule(cfg.data, spec, int(cfg.seed))
+    named = {stages.names[s]: i for s, i in sorted(stages.feature_index.items())}
+    if not named or not hasattr(model, "forward_intermediates"):
+        raise ConfigError(f"{cfg.backbone.name} has no per-stage feature outputs: advise needs forward_intermediates")
+    order = sorted(set(named.values()))
+    normalise = BatchTransform(spec, "none")
+    feats: dict[str, dict[str, np.ndarray]] = {}
+    labels: dict[str, np.ndarray] = {}
+    with torch.inference_mode():
+        for split in ("train", "val"):
+            images, y = data.splits[split]
+            parts: dict[str, list[np.ndarray]] = {n: [] for n in named}
+            for start in range(0, len(y), 256):
+                x, _ = normalise((images[start : start + 256], y[start : start + 256]))
+                maps = dict(zip(order, model.forward_intermediates(x, indices=order, intermediates_only=True)))
+                for name, index in named.items():
+                    fmap = maps[index]
+                    parts[name].append((fmap.mean(dim=(2, 3)) if fmap.ndim == 4 else fmap.mean(dim=1)).numpy())
+            feats[split] = {n: np.concatenate(p) for n, p in parts.items()}
+            labels[split] = y.numpy()
+    return feats, labels, list(named)
+
+
+def score_stages(
+    feats: dict[str, dict[str, np.ndarray]], labels: dict[str, np.ndarray], stages: list[str], knn_k: int
+) -> list[dict]:
+    """One row per stage: LogME and k-NN on train, the ridge probe's val accuracy (in %)."""
+    rows = []
+    for stage in stages:
+        train, val = feats["train"][stage], feats["val"][stage]
+        rows.append(
+            {
+                "stage": stage,
+                "dims": train.shape[1],
+                "logme": logme(train, labels["train"]),
+                "knn": 100 * knn_accuracy(train, labels["train"], knn_k),
+                "probe": 100 * ridge_probe_accuracy(train, labels["train"], val, labels["val"]),
+            }
+        )
+    return rows
+
+
+# --- verdicts ---------------------------------------------------------------------------------------
+def decide(target: str, per_class: int, scores: list[dict], settings: Settings) -> Advice:
+    """The four-case verdict from the scores (rows with candidate, stage, probe, ...; stages of a
+    candidate in forward order). The best (candidate, stage) has the highest probe accuracy, LogME
+    breaking ties; similarity is judged on the best candidate's own last stage."""
+    best = max(scores, key=lambda r: (r["probe"], r["logme"]))
+    own = [r for r in scores if r["candidate"] == best["candidate"]]
+    last = own[-1]
+    loss = best["probe"] - last["probe"]
+    size = "small" if per_class < settings.small_per_class else "large"
+    domain = "different" if loss > settings.different_loss_pts else "similar"
+    return Advice(
+        target, per_class, size, domain, best["candidate"], best["stage"], last["stage"], loss, STRATEGIES[size, domain]
+    )
+
+
+def verify_commands(
+    advice: Advice, study: str, target: list[str], candidate: list[str], settings: Settings
+) -> list[str]:
+    """`transferlab train -m ...` lines for a small verifying sweep: the four strategies at the
+    target and, when the best stage is not the last, probes at the best and the last stage."""
+    seeds = "seed=" + ",".join(map(str, settings.seeds))
+    named = [] if any(o.startswith("study=") for o in target) else [f"study={study}"]
+    base = ["transferlab", "train", "-m", *named, *target, *candidate]
+    # finetune=scratch sets backbone.weights=scratch itself: any other weights override refutes it.
+    pinned = any(o.startswith("backbone.weights=") and o != "backbone.weights=scratch" for o in candidate)
+    strategies = VERIFY[1:] if pinned else VERIFY
+    lines = [" ".join([*base, "finetune=" + ",".join(strategies), seeds])]
+    if advice.best_stage != advice.last_stage:
+        cuts = f"finetune.truncate_after={advice.best_stage},null"
+        lines.append(" ".join([*base, "finetune=probe", cuts, seeds]))
+    return lines
+
+
+def render(advice: Advice, settings: Settings) -> str:
+    """The ranked table and the verdicts with the numbers behind them (printed and logged)."""
+    ranked = sorted(advice.scores, key=lambda r: (-r["probe"], -r["logme"]))
+    rows = [
+        {
+            "rank": i + 1,
+            "candidate": r["candidate"],
+            "stage": r["stage"],
+            "dims": r["dims"],
+            "probe val %": f"{r['probe']:.1f}",
+            "kNN LOO %": f"{r['knn']:.1f}",
+            "LogME": f"{r['logme']:.3f}",
+        }
+        for i, r in enumerate(ranked)
+    ]
+    a = advice
+    lines = [
+        f"## advise: {a.target}",
+        "",
+        format_table(rows),
+        "",
+        f"- size: {a.size} ({a.per_class} train images in the smallest class; small < {settings.small_per_class})",
+        f"- source: {a.domain} (best stage {a.best_stage} probes {a.loss_pts:+.1f} pts above the last stage "
+        f"{a.last_stage}; different > {settings.different_loss_pts:g} pts)",
+        f"- cut / freeze at: {a.best_stage} of {a.best_candidate}",
+        f"- strategy ({a.size} + {a.domain}): {' or '.join(a.strategies)}"
+        + (f" (finetune.truncate_after={a.best_stage})" if "probe_early" in a.strategies else ""),
+        f"- scored in {a.seconds:.1f} s",
+        "",
+        "Verify with:",
+        *[f"    {c}" for c in a.commands],
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# --- one target -------------------------------------------------------------------------------------
+def advise_target(target: list[str], candidates: list[list[str]], settings: Settings) -> Advice:
+    """Score every (candidate, stage) of one target, decide, print, and log one MLflow run."""
+    start = time.perf_counter()
+    cfgs = [compose_config(target + c) for c in candidates]
+    for cfg in cfgs:
+        validate(cfg)
+    scores: list[dict] = []
+    for cfg in cfgs:
+        feats, labels, stages = stage_features(cfg)
+        scores += [{"candidate": _label(cfg)} | row for row in score_stages(feats, labels, stages, settings.knn_k)]
+    cfg = cfgs[0]
+    train_labels = labels["train"]
+    per_class = int(np.bincount(train_labels).min())
+    advice = decide(target_label(cfg.data.name, len(train_labels)), per_class, scores, settings)
+    advice.scores = scores
+    best = next(c for c, g in zip(candidates, cfgs) if _label(g) == advice.best_candidate)
+    advice.commands = verify_commands(advice, str(cfg.study), target, best, settings)
+    advice.seconds = time.perf_counter() - start
+    _log(cfg, advice, settings, {"data/train_size": len(train_labels), "data/val_size": len(labels["val"])})
+    return advice
+
+
+def _log(cfg: DictConfig, advice: Advice, settings: Settings, sizes: dict[str, float]) -> None:
+    tracker = RunTracker(cfg.tracking)
+    tags = {
+        "transferlab.role": ROLE,
+        TAG + "target": advice.target,
+        TAG + "size": advice.size,
+        TAG + "domain": advice.domain,
+        TAG + "best_candidate": advice.best_candidate,
+        TAG + "best_stage": advice.best_stage,
+        TAG + "strategies": ",".join(advice.strategies),
+        TAG + "stages": ",".join(dict.fromkeys(r["stage"] for r in advice.scores)),
+    }
+    tracker.start(f"advise-{cfg.data.name}-{sizes['data/train_size']}", tags)
+    try:
+        tracker.log_params(flatten(cfg) | {f"advise.{k}": str(v) for k, v in vars(settings).items()})
+        metrics = {
+            f"advise/{r['candidate']}/{r['stage']}/{m}": r[m] for r in advice.scores for m in ("logme", "knn", "probe")
+        }
+        metrics |= sizes | {
+            "advise/per_class": advice.per_class,
+            "advise/last_stage_loss_pts": advice.loss_pts,
+            "advise/seconds": advice.seconds,
+        }
+        tracker.log_metrics(metrics)
+        tracker.log_text(render(advice, settings), "advice.md")
+        header = "candidate,stage,dims,logme,knn,probe\n"
+        body = "".join(
+            f"{r['candidate']},{r['stage']},{r['dims']},{r['logme']},{r['knn']},{r['probe']}\n" for r in advice.scores
+        )
+        tracker.log_text(header + body, "scores.csv")
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    tracker.end()
+
+
+def advise(overrides: list[str], settings: Settings | None = None) -> list[Advice]:
+    """Advice for every target of the overrides (an experiment's grid or command-line sweeps)."""
+    settings = settings or Settings()
+    targets, candidates = expand(overrides)
+    results = []
+    for target in targets:
+        advice = advise_target(target, candidates, settings)
+        print(render(advice, settings), flush=True)
+        results.append(advice)
+    return results

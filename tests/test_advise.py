@@ -1,0 +1,87 @@
+"""`transferlab advise`: targets and candidates from overrides, the four-case verdicts, the verifying
+command, and one end-to-end run into a temporary MLflow store."""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+
+from transferlab.advise import Settings, advise, decide, expand, verify_commands
+
+
+def _rows(candidate: str, probes: list[float], stages=("stem", "stage1", "stage2")) -> list[dict]:
+    return [
+        {"candidate": candidate, "stage": s, "dims": 8, "probe": p, "knn": p, "logme": p / 100}
+        for s, p in zip(stages, probes)
+    ]
+
+
+def test_targets_come_from_data_sweeps_and_candidates_from_backbone_overrides():
+    targets, candidates = expand(["experiment=default"])
+    assert len(targets) == 4  # data x data.samples_per_class of the default grid; finetune and seed ignored
+    assert {tuple(t[1:]) for t in targets} == {
+        (f"data={d}", f"data.samples_per_class={n}") for d in ("animals_similar", "digits") for n in ("10", "null")
+    }
+    assert candidates == [[]]  # the configured backbone
+    targets, candidates = expand(["data=digits", "backbone.weights=source,scratch", "seed=0,1"])
+    assert targets == [["data=digits"]]
+    assert candidates == [["backbone.weights=source"], ["backbone.weights=scratch"]]
+
+
+@pytest.mark.parametrize(
+    ("per_class", "probes", "size", "domain", "strategies"),
+    [
+        (10, [50.0, 70.0, 68.0], "small", "similar", ("probe",)),
+        (10, [50.0, 80.0, 60.0], "small", "different", ("probe_early",)),
+        (500, [50.0, 70.0, 69.0], "large", "similar", ("fine_tune",)),
+        (500, [50.0, 90.0, 60.0], "large", "different", ("fine_tune", "scratch")),
+    ],
+)
+def test_four_cases(per_class, probes, size, domain, strategies):
+    advice = decide("t", per_class, _rows("a:source", probes), Settings(small_per_class=50, different_loss_pts=5))
+    assert (advice.size, advice.domain, advice.strategies) == (size, domain, strategies)
+    assert advice.best_stage == "stage1"
+    assert advice.last_stage == "stage2"
+    assert advice.loss_pts == pytest.approx(probes[1] - probes[2])
+
+
+def test_best_candidate_is_judged_on_its_own_last_stage():
+    scores = _rows("a:source", [10.0, 20.0, 30.0]) + _rows("b:pretrained", [40.0, 95.0, 94.0])
+    advice = decide("t", 100, scores, Settings())
+    assert (advice.best_candidate, advice.best_stage, advice.last_stage) == ("b:pretrained", "stage1", "stage2")
+    assert advice.domain == "similar"  # loses 1 pt, while a:source's last stage is 65 pts below b's best
+
+
+def test_verifying_commands():
+    advice = decide("t", 10, _rows("a:source", [50.0, 80.0, 60.0]), Settings())
+    plain, stage_check = verify_commands(advice, "check", ["data=digits"], [], Settings(seeds=(0, 1)))
+    assert plain == "transferlab train -m study=check data=digits finetune=scratch,probe,probe_early,fine_tune seed=0,1"
+    assert stage_check.endswith("finetune=probe finetune.truncate_after=stage1,null seed=0,1")
+    # A pinned non-scratch weight contradicts finetune=scratch, so scratch is left out.
+    (pinned, _) = verify_commands(advice, "check", ["data=digits"], ["backbone.weights=pretrained"], Settings())
+    assert "finetune=probe,probe_early,fine_tune " in pinned
+    last_best = decide("t", 10, _rows("a:source", [50.0, 60.0, 80.0]), Settings())
+    assert len(verify_commands(last_best, "check", [], [], Settings())) == 1
+
+
+@pytest.mark.slow
+def test_advise_end_to_end_logs_every_score(store: str, capsys: pytest.CaptureFixture) -> None:
+    overrides = ["study=adv", "data=digits", "data.samples_per_class=5", "backbone.weights=scratch"]
+    (advice,) = advise(overrides)
+    printed = capsys.readouterr().out
+    assert "transferlab train -m study=adv data=digits data.samples_per_class=5" in printed
+    assert advice.target == "digits / 50 train"
+    assert advice.per_class == 5
+    assert advice.size == "small"
+    client = mlflow.MlflowClient(store)
+    (run,) = client.search_runs([client.get_experiment_by_name("adv").experiment_id])
+    assert run.data.tags["transferlab.role"] == "advise"
+    assert run.data.tags["transferlab.advise.strategies"] == ",".join(advice.strategies)
+    stages = run.data.tags["transferlab.advise.stages"].split(",")
+    assert stages == ["stem", "stage1", "stage2", "stage3", "stage4"]  # test_resnet: every stage scored
+    for stage in stages:
+        for measure in ("logme", "knn", "probe"):
+            assert f"advise/test_resnet:scratch/{stage}/{measure}" in run.data.metrics
+    assert 0 <= run.data.metrics["advise/test_resnet:scratch/stage4/probe"] <= 100
+    assert run.data.metrics["data/train_size"] == 50
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"advice.md", "scores.csv"}
