@@ -14,10 +14,10 @@ import pandas as pd
 from scipy import stats
 
 from transferlab.advise import ROLE, TAG, candidate_label
+from transferlab.stats import SIGNIFICANT, WITHIN_NOISE
 from transferlab.transferability import MEASURES
 
 ROLE_TAG = "transferlab.role"
-SIGNIFICANT = ("A > B (significant)", "B > A (significant)")
 
 
 def load_advice(client: Any, experiment: str) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -143,9 +143,13 @@ def outcomes(advice: pd.DataFrame, runs: pd.DataFrame, summary: pd.DataFrame, pa
             else:
                 p = pairs[(pairs["target"] == a.target)]
                 p = p[p[["a", "b"]].isin([winner["strategy"], pick["strategy"]]).all(axis=1)]
-                verdict = p["verdict"].iloc[0] if len(p) else "too few seeds"
-                outcome = f"lost ({verdict})" if verdict in SIGNIFICANT else f"within noise of the winner ({verdict})"
-                outcome = outcome.replace(" (within noise)", "")
+                verdict = p["verdict"].iloc[0] if len(p) else "not paired"
+                if verdict in SIGNIFICANT:
+                    outcome = "lost (significant)"
+                elif verdict == WITHIN_NOISE:
+                    outcome = "within noise of the winner"
+                else:
+                    outcome = f"behind the winner, not judged ({verdict})"
             pick = pick["strategy"]
         rows.append(
             {
