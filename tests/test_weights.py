@@ -115,3 +115,31 @@ def test_input_spec_fits_channels_and_size(cfg):
     four = input_spec(model, backbone_cfg(cfg, in_chans=4))
     assert four.mean[:3] == rgb.mean
     assert four.mean[3] == pytest.approx(sum(rgb.mean) / 3)
+
+
+# Fixed-input-size transformers whose names do not contain "vit"; CNNs take any size as they are.
+SIZED = ["test_vit", "deit_tiny_patch16_224", "eva02_tiny_patch14_224", "swin_tiny_patch4_window7_224"]
+
+
+@pytest.mark.parametrize("name", [*SIZED, "test_resnet", "test_efficientnet", "test_convnext", "regnetx_002"])
+def test_backbone_runs_at_the_configured_input_size(cfg, name):
+    from transferlab.weights import build_model, fixed_input_size
+
+    assert (fixed_input_size(name) is not None) == (name in SIZED)
+    model = build_model(backbone_cfg(cfg, name=name, input_size=64), pretrained=False).eval()
+    with torch.no_grad():
+        features = model(torch.randn(1, 3, 64, 64))
+    assert features.shape == (1, model.num_features)
+    if name in SIZED:
+        assert tuple(model.patch_embed.img_size) == (64, 64)  # timm's own img_size, not dynamic resizing
+
+
+def test_vit_weights_saved_at_another_size_load_resampled(cfg, tmp_path):
+    torch.manual_seed(0)
+    at_32 = timm.create_model("test_vit", pretrained=False, num_classes=0, img_size=32)
+    save_file({k: v.contiguous() for k, v in at_32.state_dict().items()}, str(tmp_path / "vit32.safetensors"))
+    loaded = create_backbone(
+        backbone_cfg(cfg, name="test_vit", input_size=64, weights=str(tmp_path / "vit32.safetensors"))
+    )
+    assert loaded.model.pos_embed.shape[1] > at_32.pos_embed.shape[1]  # more patches at 64 px
+    assert torch.equal(loaded.model.blocks[0].attn.qkv.weight, at_32.blocks[0].attn.qkv.weight)

@@ -7,6 +7,7 @@ a checkpoint from a shared tracking server must not be able to run code.
 from __future__ import annotations
 
 import difflib
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,9 +41,27 @@ def validate_backbone_config(cfg: DictConfig) -> None:
 def build_model(cfg: DictConfig, pretrained: bool) -> torch.nn.Module:
     """The timm backbone of `cfg` without a classifier (num_classes=0: pooled features)."""
     kwargs = {k: v for k, v in dict(cfg.kwargs or {}).items() if v is not None}
-    if cfg.input_size is not None and "vit" in cfg.name and "img_size" not in kwargs:
-        kwargs.setdefault("dynamic_img_size", True)
-    return timm.create_model(cfg.name, pretrained=pretrained, num_classes=0, in_chans=int(cfg.in_chans), **kwargs)
+    fixed = fixed_input_size(cfg.name)
+    if cfg.input_size is not None and fixed and int(cfg.input_size) != fixed and "img_size" not in kwargs:
+        kwargs["img_size"] = int(cfg.input_size)  # timm resamples pretrained position embeddings to it
+    try:
+        return timm.create_model(cfg.name, pretrained=pretrained, num_classes=0, in_chans=int(cfg.in_chans), **kwargs)
+    except TypeError as err:
+        if "img_size" not in str(err):
+            raise
+        raise ConfigError(
+            f"backbone.name={cfg.name!r} only runs at {fixed} px and takes no img_size: "
+            f"set backbone.input_size={fixed} or null"
+        ) from err
+
+
+def fixed_input_size(name: str) -> int | None:
+    """The input size a model is built for when it cannot take another one without being told
+    (timm's `pretrained_cfg.fixed_input_size`: ViT, DeiT, EVA, Swin, ...), else None."""
+    pretrained_cfg = timm.models.get_pretrained_cfg(name, allow_unregistered=True)
+    if pretrained_cfg is None or not pretrained_cfg.fixed_input_size:
+        return None
+    return int(pretrained_cfg.input_size[-1])
 
 
 def create_backbone(cfg: DictConfig, checkpoint: Path | None = None) -> Backbone:
@@ -86,6 +105,11 @@ def apply_state(model: torch.nn.Module, state: dict[str, torch.Tensor], label: s
     for name in [f"{first_conv}.weight"] if first_conv else []:
         if name in state and name in own and state[name].shape[1] != own[name].shape[1]:
             state[name] = adapt_input_conv(own[name].shape[1], state[name])
+    if any(k in own and v.shape != own[k].shape for k, v in state.items() if "pos_embed" in k):
+        # Saved at another img_size: timm's own filter resamples position embeddings, as it does
+        # for hub weights.
+        filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+        state = filter_fn(state, model) if filter_fn else state
     classifier = model.pretrained_cfg.get("classifier") or ""
     state = {k: v for k, v in state.items() if not (classifier and k.startswith(f"{classifier}."))}
     try:
