@@ -88,7 +88,7 @@ def _fit_and_test(
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     backbone = create_backbone(cfg.backbone, checkpoint)
     spec = input_spec(backbone.model, cfg.backbone)
-    data = build_datamodule(cfg.data, spec, int(cfg.seed))
+    data = build_datamodule(cfg.data, spec, int(cfg.seed), cache_dir=cfg.cache_dir)
     module, route_tags = build_module(cfg, backbone.model, spec, data.num_classes)
     stages = module.stages
     target = target_trainable(cfg.finetune, stages, module.kept)

@@ -132,7 +132,8 @@ def input_spec(model: torch.nn.Module, cfg: DictConfig) -> InputSpec:
     size = int(cfg.input_size or data_cfg["input_size"][-1])
     chans = int(cfg.in_chans)
     mean, std = _fit(tuple(data_cfg["mean"]), chans), _fit(tuple(data_cfg["std"]), chans)
-    return InputSpec(size, chans, mean, std, data_cfg.get("interpolation", "bilinear"))
+    interpolation = data_cfg.get("interpolation", "bilinear")
+    return InputSpec(size, chans, mean, std, interpolation, float(data_cfg.get("crop_pct", 1.0)))
 
 
 def _fit(values: tuple[float, ...], chans: int) -> tuple[float, ...]:

@@ -1,8 +1,16 @@
-"""Config validation and the Lightning data module: decode once, split, subset, batch."""
+"""Config validation and the Lightning data module: prepare once, split, subset, batch.
+
+Loaders yield uint8 batches; the float work (crop, augment, normalise) runs either in the
+loader (`collate_fn`, CPU workers) or after the batch reached the accelerator
+(`on_after_batch_transfer`), so a GPU step never waits on CPU float work."""
 
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
@@ -20,16 +28,19 @@ from transferlab.data.splits import (
     select_classes,
     subset_train,
 )
+from transferlab.data.store import DiskRows, prepare
 from transferlab.data.transforms import (
     AUGMENT_PRESETS,
     BatchTransform,
     InputSpec,
+    as_uint8_batch,
     check_channels,
-    resize_cached,
 )
 from transferlab.errors import ConfigError
 
 _NEEDS_ROOT = set(SOURCES) - {"animals", "digits"}
+# Where the float work runs: auto = on the accelerator when there is one, else in the loader.
+AUGMENT_PLACES = ("auto", "loader", "device")
 
 
 def _data_group(cfg: DictConfig) -> DictConfig:
@@ -74,23 +85,47 @@ def validate_data_config(cfg: DictConfig) -> None:
             raise ConfigError(f"data.classes={classes!r} must be a list of names or null")
         if len(set(map(str, classes))) != len(classes):
             raise ConfigError(f"data.classes={list(classes)} repeats a name: list each once")
-    if int(cfg.get("batch_size", 1)) < 1 or int(cfg.get("num_workers", 0)) < 0:
-        raise ConfigError("data.batch_size must be >= 1 and data.num_workers >= 0")
+    if int(cfg.get("batch_size", 1)) < 1 or int(cfg.get("num_workers") or 0) < 0:
+        raise ConfigError("data.batch_size must be >= 1 and data.num_workers >= 0 (or null: auto)")
+    crop_pct = cfg.get("crop_pct")
+    if crop_pct is not None and not (isinstance(crop_pct, (int, float)) and 0 < crop_pct <= 1):
+        raise ConfigError(f"data.crop_pct={crop_pct!r} must be in (0, 1] or null (the backbone's timm data config)")
+    if cfg.get("augment_on", "auto") not in AUGMENT_PLACES:
+        places = ", ".join(AUGMENT_PLACES)
+        raise ConfigError(f"data.augment_on={cfg.get('augment_on')!r} is unknown: use one of {places}")
+    if float(cfg.get("ram_budget_mb", 0)) < 0:
+        raise ConfigError("data.ram_budget_mb must be >= 0 (0 = always read from disk)")
     if source in _NEEDS_ROOT and cfg.get("root") is None:
         raise ConfigError(f"data.root is required for data.source={source}: set data.root=PATH")
 
 
 class _IndexBatches(Dataset):
-    """Indexed by a list of indices: one tensor gather per batch instead of one per image."""
+    """Indexed by a list of indices: one gather per batch instead of one per image. `images`
+    is a uint8 tensor in RAM or rows read from the prepared store on disk."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+    def __init__(self, images: torch.Tensor | SplitRows, labels: torch.Tensor) -> None:
         self.images, self.labels = images, labels
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.images[idx], self.labels[idx]
+        images = self.images[idx]
+        return torch.from_numpy(images) if isinstance(images, np.ndarray) else images, self.labels[idx]
+
+
+class SplitRows:
+    """The rows of one split in a disk-backed store, indexed like a tensor (reads on demand)."""
+
+    def __init__(self, store: DiskRows, rows: np.ndarray) -> None:
+        self.store, self.rows = store, np.asarray(rows)
+        self.shape = (len(self.rows), *store.shape[1:])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, idx) -> np.ndarray:
+        return self.store[self.rows[np.asarray(idx)]]
 
 
 class _EpochBatches(BatchSampler):
@@ -130,11 +165,12 @@ class _EpochBatches(BatchSampler):
 
 
 class TransferDataModule(pl.LightningDataModule):
-    """Holds uint8 images for train/val/test in memory; batches are normalised float32."""
+    """uint8 images for train/val/test (in RAM or read from the prepared store); batches come out
+    normalised float32, transformed in the loader or on the device (`augment_on`)."""
 
     def __init__(
         self,
-        splits: dict[str, tuple[torch.Tensor, torch.Tensor]],
+        splits: dict[str, tuple[torch.Tensor | SplitRows, torch.Tensor]],
         class_names: list[str],
         spec: InputSpec,
         seed: int,
@@ -144,6 +180,7 @@ class TransferDataModule(pl.LightningDataModule):
         subset_hash: str = "",
         skipped: int = 0,
         train_indices: np.ndarray | None = None,
+        augment_on: str = "auto",
     ) -> None:
         super().__init__()
         self.splits = splits
@@ -154,6 +191,8 @@ class TransferDataModule(pl.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.augment = augment
+        self.augment_on = augment_on
+        self.memory_format = torch.contiguous_format  # the runner sets channels_last
         self.subset_hash = subset_hash
         self.skipped = skipped
         self.train_indices = train_indices  # source indices of the train subset (hashed above)
@@ -177,6 +216,23 @@ class TransferDataModule(pl.LightningDataModule):
             for i, name in enumerate(self.class_names)
         ]
         return json.dumps(rows, ensure_ascii=False, indent=1)
+    def transform(self, train: bool) -> BatchTransform:
+        return BatchTransform(self.spec, self.augment if train else "none", self.memory_format)
+
+    def on_device(self) -> bool:
+        """Whether the float work runs after the transfer: `device`, or `auto` with an accelerator."""
+        if self.augment_on != "auto":
+            return self.augment_on == "device"
+        trainer = self.trainer
+        return trainer is not None and trainer.strategy.root_device.type != "cpu"
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Crop/augment/normalise uint8 batches where they now live (the GPU, when there is one)."""
+        images, labels = batch
+        if images.dtype != torch.uint8:  # transformed in the loader already
+            return batch
+        train = self.trainer is not None and self.trainer.training
+        return self.transform(train).normalise(images), labels
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         dataset = _IndexBatches(*self.splits[split])
@@ -191,13 +247,15 @@ class TransferDataModule(pl.LightningDataModule):
             order = RandomSampler(dataset, generator=torch.Generator().manual_seed(self.seed))
         else:
             order = SequentialSampler(dataset)
+        on_device = self.on_device()
         return DataLoader(
             dataset,
             sampler=_EpochBatches(order, self.batch_size, fold_single=train),
             batch_size=None,  # the sampler yields whole index batches
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            collate_fn=BatchTransform(self.spec, self.augment if train else "none"),
+            collate_fn=as_uint8_batch if on_device else self.transform(train),
+            pin_memory=on_device and torch.cuda.is_available(),  # then Lightning copies non_blocking
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -209,12 +267,32 @@ class TransferDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", train=False)
 
+    def ordered_batches(self, split: str, batch_size: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Deterministic batches of `split` in stored order (eval crop, no augmentation): what a
+        frozen-feature cache needs."""
+        dataset, transform = _IndexBatches(*self.splits[split]), self.transform(train=False)
+        step = batch_size or self.batch_size
+        for start in range(0, len(dataset), step):
+            yield transform(dataset[list(range(start, min(len(dataset), start + step)))])
 
-def build_datamodule(cfg: DictConfig, spec: InputSpec, seed: int) -> TransferDataModule:
-    """Validate, decode the source once (bad data fails here, not mid-training), split, subset."""
+
+def _num_workers(cfg: DictConfig, in_ram: bool) -> int:
+    """null = auto: none for data in RAM (a gather is cheap), every core for data read from disk."""
+    if cfg.get("num_workers") is not None:
+        return int(cfg.num_workers)
+    return 0 if in_ram else min(8, len(os.sched_getaffinity(0)))
+
+
+def build_datamodule(
+    cfg: DictConfig, spec: InputSpec, seed: int, cache_dir: Path | str | None = None
+) -> TransferDataModule:
+    """Validate, prepare the source once (bad data fails here, not mid-training), split, subset.
+    With `cache_dir`, the decoded source is shared by every job through the prepared store."""
     cfg = _data_group(cfg)
     validate_data_config(cfg)
-    data = SOURCES[cfg.source](cfg, spec)
+    if cfg.get("crop_pct") is not None:
+        spec = replace(spec, crop_pct=float(cfg.crop_pct))
+    data = prepare(cfg, spec, cache_dir, float(cfg.get("ram_budget_mb", 1024)))
     check_channels(data.images.shape[1], spec)
     keep, names = select_classes(data, cfg.get("classes"))
     labels = relabel(data.labels[keep], data.class_names, names)
@@ -240,7 +318,8 @@ def build_datamodule(cfg: DictConfig, spec: InputSpec, seed: int) -> TransferDat
     chosen = {TRAIN: train, VAL: np.flatnonzero(split == VAL), TEST: np.flatnonzero(split == TEST)}
     tensors = {}
     for sid, idx in chosen.items():
-        images = resize_cached(torch.from_numpy(np.ascontiguousarray(data.images[keep[idx]])), spec)
+        rows = keep[idx]
+        images = torch.from_numpy(data.images[rows]) if data.in_ram else SplitRows(data.images, rows)
         tensors[SPLIT_NAMES[sid]] = (images, torch.from_numpy(labels[idx]))
     return TransferDataModule(
         tensors,
@@ -248,9 +327,10 @@ def build_datamodule(cfg: DictConfig, spec: InputSpec, seed: int) -> TransferDat
         spec,
         seed,
         batch_size=int(cfg.get("batch_size", 64)),
-        num_workers=int(cfg.get("num_workers", 0)),
+        num_workers=_num_workers(cfg, data.in_ram),
         augment=str(cfg.get("augment", "none")),
         subset_hash=indices_hash(keep[train]),
         skipped=data.skipped,
         train_indices=keep[train],
+        augment_on=str(cfg.get("augment_on", "auto")),
     )

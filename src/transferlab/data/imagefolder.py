@@ -1,20 +1,17 @@
-"""Your own images: root/<class>/* or root/{train,val,test}/<class>/*, decoded once with PIL."""
+"""Your own images: root/<class>/* or root/{train,val,test}/<class>/*, listed here, decoded once."""
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import numpy as np
 from omegaconf import DictConfig
-from PIL import Image
 
-from transferlab.data.base import TEST, TRAIN, VAL, SourceData, fit_pil
+from transferlab.data.base import TEST, TRAIN, VAL, OpenPath, SourceFiles
 from transferlab.data.transforms import InputSpec
 from transferlab.errors import DataError
 
 _SPLIT_DIRS = {"train": TRAIN, "val": VAL, "test": TEST}
-_GREY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
 
 
 def _subdirs(path: Path) -> list[Path]:
@@ -68,8 +65,8 @@ def _layout(root: Path) -> dict[int, dict[str, list[Path]]]:
     return layout
 
 
-def load_imagefolder(cfg: DictConfig, spec: InputSpec) -> SourceData:
-    """Decode every image once at spec.size; bad files fail here, before any training."""
+def load_imagefolder(cfg: DictConfig, spec: InputSpec) -> SourceFiles:
+    """List every image (layout errors fail here); decoding happens once, in the prepared store."""
     if cfg.get("root") is None:
         raise DataError("data.root is not set: point it at a folder of <class>/ image folders")
     root = Path(str(cfg.root)).expanduser()
@@ -78,42 +75,16 @@ def load_imagefolder(cfg: DictConfig, spec: InputSpec) -> SourceData:
     layout = _layout(root)
     class_names = sorted(layout[TRAIN])
     index = {name: i for i, name in enumerate(class_names)}
-    images, labels, splits, grey, bad = [], [], [], [], []
+    paths, labels, splits = [], [], []
     for split, by_class in layout.items():
         for cls, files in by_class.items():
-            n_ok = 0
-            for path in files:
-                try:
-                    with Image.open(path) as img:
-                        img.load()
-                        is_grey = img.mode in _GREY_MODES
-                        arr = fit_pil(img, spec)
-                except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-                    bad.append((path, err))
-                    continue
-                images.append(arr)
-                labels.append(index[cls])
-                splits.append(split)
-                grey.append(is_grey)
-                n_ok += 1
-            if bad and not cfg.get("skip_corrupt", False):
-                path, err = bad[0]
-                raise DataError(
-                    f"cannot read image {path} ({type(err).__name__}): fix or delete "
-                    "it, or set data.skip_corrupt=true to skip unreadable files"
-                )
-            if n_ok == 0:
-                raise DataError(f"no readable images in {path.parent}: add valid images")
-    if bad:
-        warnings.warn(f"skipped {len(bad)} unreadable file(s) under {root}, e.g. {bad[0][0]}", stacklevel=2)
-    stacked = np.stack(images)
-    if all(grey):
-        stacked = np.ascontiguousarray(stacked[:, :1])  # R == G == B after convert("RGB")
-    has_split = len(layout) > 1
-    return SourceData(
-        stacked,
+            paths += files
+            labels += [index[cls]] * len(files)
+            splits += [split] * len(files)
+    return SourceFiles(
+        OpenPath(paths),
         np.asarray(labels, dtype=np.int64),
         class_names,
-        split=np.asarray(splits, dtype=np.int8) if has_split else None,
-        skipped=len(bad),
+        split=np.asarray(splits, dtype=np.int8) if len(layout) > 1 else None,
+        names=[str(p) for p in paths],
     )

@@ -28,6 +28,13 @@ class InputSpec:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     interpolation: str = "bilinear"
+    crop_pct: float = 1.0  # timm's eval centre crop: the model sees size/store_size of the image
+
+    @property
+    def store_size(self) -> int:
+        """Side of the prepared images: eval centre-crops `size` from it (timm's
+        floor(size / crop_pct)), train crops may use all of it."""
+        return self.size if self.crop_pct >= 1 else math.floor(self.size / self.crop_pct)
 
 
 def interpolation_mode(name: str) -> InterpolationMode:
@@ -46,12 +53,13 @@ def check_channels(channels: int, spec: InputSpec) -> None:
 
 
 def resize_cached(images: torch.Tensor, spec: InputSpec) -> torch.Tensor:
-    """Resize uint8 [N, C, H, W] to spec.size once, at cache time, so batches need no resize."""
-    if images.shape[-2:] == (spec.size, spec.size):
+    """Resize uint8 [N, C, H, W] to spec.store_size once, when prepared, so batches need no resize."""
+    size = spec.store_size
+    if images.shape[-2:] == (size, size):
         return images
     out = v2.functional.resize(
         images,
-        [spec.size, spec.size],
+        [size, size],
         interpolation=interpolation_mode(spec.interpolation),
         antialias=True,
     )
@@ -81,11 +89,13 @@ def _uniform(n: int, low: float, high: float) -> torch.Tensor:
     return torch.empty(n).uniform_(low, high)
 
 
-def random_crop_affine(x: torch.Tensor, p: AugmentPreset, interpolation: str) -> torch.Tensor:
-    """Random resized crop + shift + rotation with per-sample params in one grid_sample.
+def random_crop_affine(x: torch.Tensor, p: AugmentPreset, interpolation: str, size: int | None = None) -> torch.Tensor:
+    """Random resized crop (from the whole stored image) + shift + rotation, output `size`
+    square, per-sample params in one grid_sample.
 
     torchvision's v2 ops draw one set of params per call, so on a batch every image would get
     the same crop; looping per image costs ~3 ms each. This keeps augmentation per sample.
+    Params are drawn on the CPU generator wherever x lives, so CPU and GPU see the same crops.
     """
     b = x.shape[0]
     area = _uniform(b, *p.scale)
@@ -96,7 +106,8 @@ def random_crop_affine(x: torch.Tensor, p: AugmentPreset, interpolation: str) ->
     angle = _uniform(b, -1, 1) * math.radians(p.degrees)
     cos, sin = angle.cos(), angle.sin()
     theta = torch.stack([torch.stack([cos * w, -sin * h, cx], 1), torch.stack([sin * w, cos * h, cy], 1)], 1)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    out = [b, x.shape[1], size or x.shape[2], size or x.shape[3]]
+    grid = F.affine_grid(theta.to(x.device, x.dtype), out, align_corners=False)
     mode = _GRID_MODE.get(interpolation, "bilinear")
     return F.grid_sample(x, grid, mode=mode, padding_mode="zeros", align_corners=False)
 
@@ -110,24 +121,36 @@ def random_erase(x: torch.Tensor, p: float, area=(0.02, 0.2), ratio=(0.3, 3.3)) 
     ew = (a / r).sqrt().round().clamp(1, width).long()
     top = (torch.rand(b) * (height - eh + 1)).long()
     left = (torch.rand(b) * (width - ew + 1)).long()
-    rows, cols = torch.arange(height), torch.arange(width)
+    chosen = torch.rand(b) < p
+    top, left, eh, ew, chosen = (t.to(x.device) for t in (top, left, eh, ew, chosen))
+    rows, cols = torch.arange(height, device=x.device), torch.arange(width, device=x.device)
     in_r = (rows[None] >= top[:, None]) & (rows[None] < (top + eh)[:, None])
     in_c = (cols[None] >= left[:, None]) & (cols[None] < (left + ew)[:, None])
-    mask = in_r[:, :, None] & in_c[:, None, :] & (torch.rand(b) < p)[:, None, None]
+    mask = in_r[:, :, None] & in_c[:, None, :] & chosen[:, None, None]
     return x.masked_fill(mask[:, None], 0.0)
 
 
-class BatchTransform:
-    """collate_fn for whole index batches: augment, repeat greyscale, convert and normalise.
+def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
+    """timm's eval crop: the centre `size` square of the stored image."""
+    top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
+    return x[..., top : top + size, left : left + size]
 
-    A picklable class (not a closure) so it works with num_workers > 0.
+
+class BatchTransform:
+    """uint8 [B, C, S, S] -> normalised float [B, in_chans, size, size]: a random crop (and the
+    preset's augmentation) for training, timm's centre crop otherwise; greyscale repeated.
+
+    The same object runs as the DataLoader's collate_fn (CPU: workers share the float work) or
+    after the batch reached the GPU (`TransferDataModule.on_after_batch_transfer`). A picklable
+    class (not a closure) so it works with num_workers > 0.
     """
 
-    def __init__(self, spec: InputSpec, preset: str = "none") -> None:
+    def __init__(self, spec: InputSpec, preset: str = "none", memory_format=torch.contiguous_format) -> None:
         if preset not in PRESETS:
             raise ConfigError(f"unknown data.augment={preset!r}: use one of {', '.join(AUGMENT_PRESETS)}")
         self.spec = spec
         self.preset = PRESETS[preset]
+        self.memory_format = memory_format
         self.mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(spec.std, dtype=torch.float32).view(1, -1, 1, 1)
 
@@ -136,14 +159,22 @@ class BatchTransform:
         return self.normalise(images), labels.long()
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 [B, C, H, W] -> float32 normalised (augmented if a preset is set), greyscale
-        repeated to spec.in_chans."""
+        """uint8 [B, C, S, S] on any device -> float32 normalised on that device."""
         x = x.float() / 255.0
         if self.preset is not None:
-            x = random_crop_affine(x, self.preset, self.spec.interpolation)
+            x = random_crop_affine(x, self.preset, self.spec.interpolation, self.spec.size)
+        else:
+            x = center_crop(x, self.spec.size)
         if x.shape[1] == 1 and self.spec.in_chans == 3:
             x = x.expand(-1, 3, -1, -1)
-        x = (x - self.mean) / self.std
+        x = (x - self.mean.to(x.device)) / self.std.to(x.device)
         if self.preset is not None and self.preset.erase_p > 0:
             x = random_erase(x, self.preset.erase_p)
-        return x
+        return x.contiguous(memory_format=self.memory_format)
+
+
+def as_uint8_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """collate_fn when the transform runs on the device: uint8 images stay uint8 (4x fewer bytes
+    to pin and copy than float32)."""
+    images, labels = batch
+    return images, labels.long()

@@ -1,4 +1,4 @@
-"""torchvision catalog data sets, with their official splits, decoded once into uint8 arrays."""
+"""torchvision catalog data sets, with their official splits, decoded once into the prepared store."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
-from transferlab.data.base import TEST, TRAIN, VAL, Loader, SourceData, fit_pil
+from transferlab.data.base import TEST, TRAIN, VAL, Loader, SourceData, SourceFiles
 from transferlab.data.transforms import InputSpec
 from transferlab.errors import DataError
 
@@ -66,13 +66,25 @@ def _open(name: str, cfg: DictConfig, kwargs: dict):
         ) from err
 
 
-def _decode(ds, spec: InputSpec) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 [N, C, H, W] and labels; array-backed sets (CIFAR) skip PIL entirely."""
-    if isinstance(getattr(ds, "data", None), np.ndarray):
-        return ds.data.transpose(0, 3, 1, 2).copy(), np.asarray(ds.targets, dtype=np.int64)
-    ds.transform = partial(fit_pil, spec=spec)
-    pairs = [ds[i] for i in range(len(ds))]
-    return np.stack([p[0] for p in pairs]), np.asarray([p[1] for p in pairs], dtype=np.int64)
+class _OpenItem:
+    """Picklable `open(i)`: item i of a torchvision file-backed data set as a PIL image."""
+
+    def __init__(self, ds) -> None:
+        ds.transform = ds.target_transform = None
+        self.ds = ds
+
+    def __call__(self, i: int):
+        return self.ds[i][0]
+
+
+def _labels(ds) -> np.ndarray:
+    """Labels without decoding any image (torchvision keeps them in `targets` or `_labels`)."""
+    labels = getattr(ds, "targets", None)
+    if labels is None:
+        labels = getattr(ds, "_labels", None)
+    if labels is None:
+        labels = [ds[i][1] for i in range(len(ds))]
+    return np.asarray(labels, dtype=np.int64)
 
 
 def _class_names(ds, n: int) -> list[str]:
@@ -80,25 +92,36 @@ def _class_names(ds, n: int) -> list[str]:
     return [str(c) for c in names] if names else [str(i) for i in range(n)]
 
 
-def load_torchvision(name: str, cfg: DictConfig, spec: InputSpec) -> SourceData:
-    """Read every official split of a catalog set; a missing split is carved from train later."""
+def load_torchvision(name: str, cfg: DictConfig, spec: InputSpec) -> SourceData | SourceFiles:
+    """Every official split of a catalog set; a missing split is carved from train later.
+    Array-backed sets (CIFAR) come back decoded; file-backed ones as files to decode once."""
     if cfg.get("root") is None:
         raise DataError(f"data.root is not set: point it at the folder holding {name}'s files")
     _, splits, _ = _CATALOG[name]
-    images, labels, split_ids, class_names = [], [], [], None
-    for split, kwargs in splits.items():
-        ds = _open(name, cfg, kwargs)
-        x, y = _decode(ds, spec)
-        class_names = class_names or _class_names(ds, int(y.max()) + 1)
-        images.append(x)
-        labels.append(y)
-        split_ids.append(np.full(len(y), split, dtype=np.int8))
-    return SourceData(
-        np.concatenate(images),
-        np.concatenate(labels),
-        class_names,
-        split=np.concatenate(split_ids) if len(splits) > 1 else None,
-    )
+    sets = {split: _open(name, cfg, kwargs) for split, kwargs in splits.items()}
+    class_names = _class_names(next(iter(sets.values())), 0)
+    labels = [_labels(ds) for ds in sets.values()]
+    split_ids = np.concatenate([np.full(len(y), s, dtype=np.int8) for s, y in zip(sets, labels, strict=True)])
+    split = split_ids if len(splits) > 1 else None
+    if len(class_names) == 0:
+        class_names = [str(i) for i in range(int(max(y.max() for y in labels)) + 1)]
+    if all(isinstance(getattr(ds, "data", None), np.ndarray) for ds in sets.values()):
+        images = np.concatenate([ds.data.transpose(0, 3, 1, 2) for ds in sets.values()])
+        return SourceData(images, np.concatenate(labels), class_names, split=split)
+    openers = [_OpenItem(ds) for ds in sets.values()]
+    offsets = np.cumsum([0] + [len(y) for y in labels])
+    return SourceFiles(_OpenConcat(openers, offsets), np.concatenate(labels), class_names, split=split)
+
+
+class _OpenConcat:
+    """Picklable `open(i)` over several splits laid end to end."""
+
+    def __init__(self, openers: list[_OpenItem], offsets: np.ndarray) -> None:
+        self.openers, self.offsets = openers, offsets
+
+    def __call__(self, i: int):
+        part = int(np.searchsorted(self.offsets, i, side="right")) - 1
+        return self.openers[part](i - int(self.offsets[part]))
 
 
 TORCHVISION_SOURCES: dict[str, Loader] = {name: partial(load_torchvision, name) for name in _CATALOG}
