@@ -216,6 +216,7 @@ class TransferDataModule(pl.LightningDataModule):
             for i, name in enumerate(self.class_names)
         ]
         return json.dumps(rows, ensure_ascii=False, indent=1)
+
     def transform(self, train: bool) -> BatchTransform:
         return BatchTransform(self.spec, self.augment if train else "none", self.memory_format)
 
