@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from transferlab.data import validate_data_config
 from transferlab.errors import ConfigError
+from transferlab.features import CACHE_MODES
 from transferlab.finetune import SCHEDULES, target_trainable
 from transferlab.model import OPTIMIZERS
 from transferlab.routes import route_for
@@ -83,6 +84,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"finetune.freeze_depth={ft.freeze_depth!r} is invalid: use an integer >= 0 or 'all'")
     if int(ft.head_epochs or 0) < 0 or int(ft.gradual_every) < 1:
         raise ConfigError("finetune.head_epochs must be >= 0 and finetune.gradual_every >= 1")
+    if ft.get("cache_features", "auto") not in CACHE_MODES:
+        raise ConfigError(f"finetune.cache_features={ft.cache_features!r} is unknown: use {' or '.join(CACHE_MODES)}")
     if cfg.optim.name not in OPTIMIZERS:
         raise ConfigError(f"optim.name={cfg.optim.name!r} is unknown: use {' or '.join(OPTIMIZERS)}")
     if cfg.optim.schedule not in SCHEDULES:

@@ -73,6 +73,7 @@ class TransferModule(pl.LightningModule):
         self.optim_cfg = optim
         self.head_lr = float(optim.lr) * float(finetune.head_lr_mult)
         self.feature_index: int | None = None
+        self.on_features = False  # features.py: batches hold cached backbone outputs, not images
         self.kept = len(stages.names)
         if finetune.truncate_after is not None:
             self._truncate(stages.cut_point(finetune.truncate_after))
@@ -113,7 +114,7 @@ class TransferModule(pl.LightningModule):
         return fmap.mean(dim=(2, 3)) if fmap.ndim == 4 else fmap.mean(dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        return self.head(x if self.on_features else self.features(x))
 
     # --- freezing -------------------------------------------------------------------------
     def set_trainable(self, stages: frozenset[int]) -> None:

@@ -26,6 +26,7 @@ from transferlab.compute import (
 from transferlab.config import validate
 from transferlab.data import build_datamodule
 from transferlab.execution import REASON_TAG, FailOnNonFiniteLoss, format_traceback, report_failure
+from transferlab.features import PhaseFeatures
 from transferlab.finetune import Phase, plan_phases, target_trainable
 from transferlab.identity import condition_hash, config_hash, flatten
 from transferlab.model import TransferModule
@@ -110,6 +111,8 @@ def _fit_and_test(
     )
 
     costs = layer_costs(module, torch.zeros(1, spec.in_chans, spec.size, spec.size))
+    features = PhaseFeatures(cfg, module, data, costs)
+    tracker.set_tags({"transferlab.cache_features": features.mode})
     timer = FitTimer()
     trainer, epoch, carried, train_flops, unfrozen = None, 0, 0, 0.0, set()
     module.total_epochs = epochs
@@ -120,17 +123,19 @@ def _fit_and_test(
         unfrozen |= phase.trainable
         trainer = _trainer(cfg.trainer, phase, phase.epochs + carried, val_every, [EpochLogger(tracker), timer])
         seen = timer.samples
-        trainer.fit(module, datamodule=data)
+        fit_data = features.datamodule(phase.name, phase.trainable, trainer)
+        trainer.fit(module, datamodule=fit_data)
         ran = trainer.current_epoch
         carried = phase.epochs + carried - ran
         epoch += ran
-        per_sample = training_flops_per_sample(module, costs) + module.teacher_flops_per_sample
+        per_sample = training_flops_per_sample(module, features.train_costs()) + module.teacher_flops_per_sample
         train_flops += per_sample * (timer.samples - seen) * trainer.world_size
         tracker.log_metrics({f"compute/{phase.name}_flops_per_sample": per_sample}, step=epoch)
         if trainer.world_size > 1:
             tracker.log_metrics({"ddp/param_divergence": _rank_divergence(module)}, step=epoch)
 
-    tested = trainer.test(module, datamodule=data, verbose=False)[0]
+    tested = trainer.test(module, datamodule=fit_data, verbose=False)[0]
+    tracker.set_tags(features.tags())
     metrics = {k: float(v) for k, v in tested.items()}
     metrics |= {
         "compute/train_flops": train_flops,
@@ -145,6 +150,7 @@ def _fit_and_test(
         "compute/trainable_params": float(trainable_params(module)),
         "compute/epochs": float(epoch),
         **{f"compute/{k}": v for k, v in peak_memory_mb().items()},
+        **features.metrics(),
         **counts,
     }
     tracker.log_metrics(metrics, step=epoch)

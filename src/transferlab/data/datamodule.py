@@ -259,6 +259,18 @@ class TransferDataModule(pl.LightningDataModule):
             pin_memory=on_device and torch.cuda.is_available(),  # then Lightning copies non_blocking
         )
 
+    def ordered_dataloader(self, split: str) -> DataLoader:
+        """Every sample of `split` in index order, model-ready, never augmented or sharded: the
+        deterministic pass that feature caching (features.py) computes frozen outputs from."""
+        dataset = _IndexBatches(*self.splits[split])
+        return DataLoader(
+            dataset,
+            sampler=BatchSampler(SequentialSampler(dataset), self.batch_size, drop_last=False),
+            batch_size=None,
+            num_workers=self.num_workers,
+            collate_fn=BatchTransform(self.spec, "none"),
+        )
+
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)
 
