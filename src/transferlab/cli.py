@@ -86,6 +86,8 @@ def _train(args: list[str]) -> int:
         combos.append(compose_config(combo))
     for cfg in combos:
         validate(cfg)
+    _probe_services(combos)
+    for cfg in combos:
         validate_stages(cfg)
     return _hydra(args)
 
@@ -96,6 +98,18 @@ def _check_keys(overrides: list[str]) -> None:
 
     groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
     check_override_keys(overrides, compose_config, groups)
+
+
+def _probe_services(combos: list) -> None:
+    """Once per sweep, before Hydra starts a job: the tracking store answers, and the model hub
+    does when a job wants hub weights (else offline mode, so cached weights load at once)."""
+    from transferlab.probes import check_store, ensure_hub_or_offline
+    from transferlab.tracking import tracking_uri
+
+    for uri in {tracking_uri(cfg.tracking) for cfg in combos}:
+        check_store(uri)
+    if any(cfg.backbone.weights == "pretrained" for cfg in combos):
+        ensure_hub_or_offline()
 
 
 def _hydra(args: list[str]) -> int:

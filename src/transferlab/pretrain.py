@@ -1,8 +1,8 @@
 """Source models: train a backbone on a source task once, cache it, start transfers from it.
 
 `backbone.weights=source` composes the experiment named by `backbone.source` with this run's
-backbone, keys the cache on that config's hash, and trains it (as its own MLflow run) only
-when the cache misses. A file lock keeps parallel jobs from training it twice.
+backbone, keys the cache (cache.py: locked, verified, atomic) on that config's hash, and trains
+it (as its own MLflow run) only when the cache misses: parallel jobs and sweeps train it once.
 """
 
 from __future__ import annotations
@@ -14,14 +14,18 @@ from pathlib import Path
 
 import mlflow
 from filelock import FileLock
+from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities import rank_zero_only
 
+from transferlab.cache import ensure, entry_dir, verify
 from transferlab.config import compose_config
 from transferlab.errors import ConfigError
-from transferlab.identity import config_hash
-from transferlab.tracking import tracking_uri
+from transferlab.identity import condition_hash, config_hash, flatten
+from transferlab.tracking import RunTracker, experiment_id, tracking_uri
 
 REMOTE_PREFIXES = ("runs:/", "models:/", "mlflow-artifacts:/")
+WEIGHTS = "backbone.safetensors"
 
 
 def resolve_checkpoint(cfg: DictConfig) -> tuple[Path | None, dict[str, str]]:
@@ -63,25 +67,69 @@ def source_config(cfg: DictConfig) -> DictConfig:
     return src
 
 
+def source_entry(cfg: DictConfig, key: str) -> Path:
+    """The cache folder of the source model whose source config hashes to `key`."""
+    return entry_dir(cfg.cache_dir, "sources", f"{cfg.backbone.source}-{key}")
+
+
 def ensure_source(cfg: DictConfig) -> tuple[Path, dict[str, str]]:
+    """The cached source model (trained once, verified by size and sha256, rebuilt when damaged)
+    and the tags that tie a job to it in the store the job logs to."""
     src = source_config(cfg)
     key = config_hash(src)
-    folder = Path(cfg.cache_dir).expanduser() / "sources" / f"{cfg.backbone.source}-{key}"
-    weights = folder / "backbone.safetensors"
-    if not weights.exists():
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # ranks would deadlock on the lock
-            raise ConfigError(
-                f"source model {cfg.backbone.source!r} is not cached: run `transferlab pretrain` on one process first"
-            )
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(folder) + ".lock"):
-            if not weights.exists():
-                from transferlab.train import run
+    folder = source_entry(cfg, key)
+    if verify(folder) is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # ranks would deadlock
+        raise ConfigError(
+            f"source model {cfg.backbone.source!r} is not cached: run `transferlab pretrain` on one process first"
+        )
 
-                print(f"training source model {cfg.backbone.source} ({key}) -> {weights}", flush=True)
-                run(src, role="pretrain", backbone_out=weights)
-    meta = json.loads((folder / "run.json").read_text()) if (folder / "run.json").exists() else {}
-    return weights, {
-        "transferlab.source_run_id": meta.get("run_id", ""),
+    def build(tmp: Path) -> dict[str, str]:
+        from transferlab.train import run
+
+        print(f"training source model {cfg.backbone.source} ({key}) -> {folder}", flush=True)
+        metrics = run(src, role="pretrain", backbone_out=tmp / WEIGHTS)
+        trained = json.loads((tmp / "run.json").read_text())
+        lineage = {"run_id": trained["run_id"], "tracking_uri": tracking_uri(src.tracking), "metrics": metrics}
+        (tmp / "run.json").write_text(json.dumps(lineage, indent=1))
+        return {"source": str(cfg.backbone.source), "config_hash": key}
+
+    folder = ensure(cfg.cache_dir, "sources", folder.name, build, on_event=lambda m: print(m, flush=True))
+    return folder / WEIGHTS, {
+        "transferlab.source_run_id": source_run_in_store(src, key, folder),
         "transferlab.source_config_hash": key,
     }
+
+
+def source_run_in_store(src: DictConfig, key: str, folder: Path) -> str:
+    """The source's run in the store this job logs to. The cache is shared by every store, but
+    its run.json names a run in the store that trained it: in any other store the cached model
+    is registered once (weights, config and final metrics), so lineage and `reproduce` resolve."""
+    lineage = json.loads((folder / "run.json").read_text())
+    if rank_zero_only.rank != 0:  # only rank 0 tracks
+        return lineage["run_id"]
+    client, exp_id = experiment_id(src.tracking)
+    try:
+        if client.get_run(lineage["run_id"]).data.tags.get("transferlab.config_hash") == key:
+            return lineage["run_id"]
+    except MlflowException:  # not in this store
+        pass
+    query = f"tags.`transferlab.config_hash` = '{key}' and attributes.status = 'FINISHED'"
+    with FileLock(str(folder) + ".register.lock"):
+        if found := client.search_runs([exp_id], query, max_results=1):
+            return found[0].info.run_id
+        tracker = RunTracker(src.tracking)
+        origin = f"{lineage['tracking_uri']} run {lineage['run_id']}"
+        tags = {
+            "transferlab.role": "pretrain",
+            "transferlab.config_hash": key,
+            "transferlab.condition_hash": condition_hash(src),
+            "transferlab.registered_from": origin,
+        }
+        tracker.start(f"{folder.name}-registered", tags)
+        tracker.log_params(flatten(src))
+        tracker.log_text(OmegaConf.to_yaml(src, resolve=True), "config.yaml")
+        tracker.log_metrics(lineage.get("metrics", {}))
+        tracker.log_artifact(folder / WEIGHTS, "model")
+        tracker.end()
+        print(f"registered cached source model {folder.name} in {tracking_uri(src.tracking)} (from {origin})")
+        return tracker.run_id

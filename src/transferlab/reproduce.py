@@ -15,7 +15,9 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
+from transferlab.cache import verify
 from transferlab.errors import ConfigError
+from transferlab.probes import check_store
 from transferlab.tracking import tracking_uri
 
 ALLOWED_TARGETS = ("transferlab.", "torch.", "timm.", "pytorch_lightning.", "lightning.", "torchmetrics.")
@@ -68,11 +70,32 @@ def logged_config(client: mlflow.MlflowClient, run_id: str) -> DictConfig:
     return cfg
 
 
+def source_weights(client: mlflow.MlflowClient, cfg: DictConfig, tags: dict[str, str]) -> str:
+    """The source model a job started from: its run in this store, else the cached file with the
+    same source-config hash (a job logged before its source was registered in this store)."""
+    from transferlab.pretrain import WEIGHTS, source_entry
+
+    run_id, key = tags.get("transferlab.source_run_id"), tags.get("transferlab.source_config_hash")
+    if run_id:
+        try:
+            client.get_run(run_id)
+            return f"runs:/{run_id}/model/{WEIGHTS}"
+        except MlflowException:
+            pass
+    if key and verify(source_entry(cfg, key)) is None:
+        return str(source_entry(cfg, key) / WEIGHTS)
+    raise ConfigError(
+        f"the source model of this run (run {run_id}, config hash {key}) is neither in {client.tracking_uri} "
+        f"nor in the cache {cfg.cache_dir}: reproduce from the store that trained it (--tracking-uri)"
+    )
+
+
 def reproduce(run_id: str, uri: str | None = None) -> Reproduction:
     """Rerun `run_id` as a new run tagged `reproduced_from`, in the same store."""
     from transferlab.train import run
 
     uri = uri or tracking_uri(OmegaConf.create({"uri": None}))
+    check_store(uri)
     client = mlflow.MlflowClient(uri)
     try:
         original = client.get_run(run_id)
@@ -83,9 +106,8 @@ def reproduce(run_id: str, uri: str | None = None) -> Reproduction:
     cfg = logged_config(client, run_id)
     cfg.tracking.uri = uri
     cfg.tracking.resume = False  # a rerun, not a skip
-    source = original.data.tags.get("transferlab.source_run_id")
-    if cfg.backbone.weights == "source" and source:  # the exact source weights, not today's recipe
-        cfg.backbone.weights = f"runs:/{source}/model/backbone.safetensors"
+    if cfg.backbone.weights == "source":  # the exact source weights, not today's recipe
+        cfg.backbone.weights = source_weights(client, cfg, original.data.tags)
     name = f"{original.info.run_name or run_id}-repro"
     new = run(cfg, extra_tags={"reproduced_from": run_id}, run_name=name)
     found = client.search_runs(

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import mlflow
 import pytorch_lightning as pl
@@ -19,6 +21,8 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from transferlab.compute import trainable_params
 from transferlab.identity import environment_tags
+from transferlab.logbuffer import BufferedClient
+from transferlab.probes import check_store, check_writable
 
 
 def tracking_uri(cfg: DictConfig) -> str:
@@ -64,15 +68,22 @@ class RunTracker:
         self.cfg = cfg
         self.run_id: str | None = None
         self.client: mlflow.MlflowClient | None = None
+        self.writer: BufferedClient | None = None
 
     def start(self, run_name: str, tags: dict[str, str], parent_run_id: str | None = None) -> None:
         if not self.enabled:
             return
+        check_store(tracking_uri(self.cfg))
         self.client, exp_id = experiment_id(self.cfg)
+        location = urlparse(self.client.get_experiment(exp_id).artifact_location)
+        if location.scheme in ("", "file"):  # a local folder: full or read-only fails here, not mid-run
+            check_writable(Path(url2pathname(location.path)), "artifact location")
         if parent_run_id:
             tags = {**tags, "mlflow.parentRunId": parent_run_id}
         run = self.client.create_run(exp_id, run_name=run_name, tags={**environment_tags(), **tags})
         self.run_id = run.info.run_id
+        spool = Path(self.cfg.get("fallback_dir") or "outputs/unsaved_runs") / self.run_id
+        self.writer = BufferedClient(self.client, self.run_id, spool, float(self.cfg.get("retry_seconds", 120)))
 
     def attach(self, run_id: str) -> None:
         """Continue an existing run (a resumed job, a sweep's parent): it reads RUNNING again."""
@@ -84,30 +95,44 @@ class RunTracker:
 
     def log_params(self, params: dict[str, str]) -> None:
         if self.run_id:
-            self.client.log_batch(self.run_id, params=[Param(k, v[:6000]) for k, v in params.items()])
+            self.writer.log_batch(params=[Param(k, v[:6000]) for k, v in params.items()])
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
         if self.run_id and metrics:
             now = int(1000 * time.time())
-            batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-            self.client.log_batch(self.run_id, metrics=batch)
+            self.writer.log_batch(metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
     def set_tags(self, tags: dict[str, str]) -> None:
         if self.run_id:
-            self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+            self.writer.log_batch(tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_text(self, text: str, path: str) -> None:
         if self.run_id:
-            self.client.log_text(self.run_id, text, path)
+            self.writer.log_text(text, path)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         if self.run_id and path.exists():
-            log = self.client.log_artifacts if path.is_dir() else self.client.log_artifact
-            log(self.run_id, str(path), artifact_path)
+            self.writer.log_artifact(path, artifact_path)
 
     def end(self, status: str = "FINISHED") -> None:
-        if self.run_id:
-            self.client.set_terminated(self.run_id, status)
+        """FINISHED only after every buffered write landed (else StoreLostError, saved locally);
+        a failed run is marked FAILED if the store answers, and saved locally if not."""
+        if not self.run_id:
+            return
+        self.writer.pending.append(("set_terminated", (self.run_id, status), {}))
+        if status == "FINISHED":
+            self.writer.drain()
+            return
+        landed = False
+        for _ in range(len(self.writer.pending)):  # each refused write is dropped, then the rest go on
+            try:
+                landed = self.writer.flush(force=True)
+                break
+            except Exception:  # the error that failed the job may fail a queued write too
+                continue
+        if not landed:
+            path = self.writer.save_locally()
+            print(f"tracking store unreachable: run {self.run_id} not marked {status}; its logs are in {path}")
 
 
 class EpochLogger(pl.Callback):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -30,10 +31,11 @@ from transferlab.features import PhaseFeatures
 from transferlab.finetune import Phase, plan_phases, target_trainable
 from transferlab.identity import condition_hash, config_hash, flatten
 from transferlab.model import TransferModule
+from transferlab.probes import check_store
 from transferlab.routes import build_module
 from transferlab.stages import format_table, stage_table
 from transferlab.sweep import parent_run_id
-from transferlab.tracking import EpochLogger, RunTracker, finished_run
+from transferlab.tracking import EpochLogger, RunTracker, finished_run, tracking_uri
 from transferlab.weights import create_backbone, input_spec
 
 
@@ -47,6 +49,7 @@ def run(
 ) -> dict[str, float]:
     """Train and test one job; every result lands in one MLflow run (marked FAILED on error)."""
     validate(cfg)
+    check_store(tracking_uri(cfg.tracking))  # seconds, not minutes of MLflow retries; before any data
     if cfg.tracking.resume and (done := finished_run(cfg.tracking, config_hash(cfg))):
         print(f"skipped: this exact job already finished as MLflow run {done.info.run_id}", flush=True)
         return dict(done.data.metrics)
@@ -63,15 +66,16 @@ def run(
         **(extra_tags or {}),
     }
     tracker.start(run_name or _run_name(cfg), tags, parent_run_id() if role == "job" else None)
-    # The config goes in first, so a run that fails later still says what it was.
-    tracker.log_params(flatten(cfg) | _hydra_overrides())
-    tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
     try:
+        # The config goes in first, so a run that fails later still says what it was.
+        tracker.log_params(flatten(cfg) | _hydra_overrides())
+        tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         metrics = _fit_and_test(cfg, tracker, checkpoint, backbone_out)
     except BaseException as err:
         status, reason = report_failure(err)
-        tracker.set_tags({REASON_TAG: reason})
-        tracker.log_text(format_traceback(err), "error/traceback.txt")
+        with contextlib.suppress(Exception):  # the store or disk that failed the job may refuse these too
+            tracker.set_tags({REASON_TAG: reason})
+            tracker.log_text(format_traceback(err), "error/traceback.txt")
         tracker.end(status)
         raise
     tracker.end()

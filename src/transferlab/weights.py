@@ -18,6 +18,7 @@ from timm.models import adapt_input_conv, load_state_dict
 
 from transferlab.data import InputSpec
 from transferlab.errors import ConfigError
+from transferlab.probes import HUB_FIX, ensure_hub_or_offline
 
 
 @dataclass
@@ -74,12 +75,13 @@ def create_backbone(cfg: DictConfig, checkpoint: Path | None = None) -> Backbone
     if weights == "scratch" and checkpoint is None:
         return Backbone(build_model(cfg, pretrained=False), tags | {"weights": weights})
     if checkpoint is None:
+        online = ensure_hub_or_offline()  # seconds, not ~50 s of Hugging Face retries
         try:
             model = build_model(cfg, pretrained=True)
         except (OSError, RuntimeError, ValueError) as err:  # hub errors: HTTP, offline, missing files
+            where = "from the model hub" if online else "offline (not in the local Hugging Face cache)"
             raise ConfigError(
-                f"could not load timm pretrained weights for {cfg.name!r} ({type(err).__name__}); "
-                "offline? set backbone.weights=source, scratch or a local file"
+                f"could not load timm pretrained weights for {cfg.name!r} {where} ({type(err).__name__}): {HUB_FIX}"
             ) from err
         tags["pretrained_tag"] = model.pretrained_cfg.get("tag") or ""
         tags["weights"] = weights
