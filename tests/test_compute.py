@@ -157,3 +157,19 @@ def test_peak_memory_reports_rss():
     mem = peak_memory_mb()
     assert 10 < mem["rss_peak_mb"] < 1e6
     assert mem["cuda_peak_mb"] >= 0
+
+
+def test_peak_memory_is_per_job_after_a_reset():
+    """A sweep runs many jobs in one process: each must report its own peak, not the maximum so far."""
+    import numpy as np
+
+    from transferlab.compute import reset_peak_memory
+
+    big = np.ones(300 * 2**20 // 8)  # 300 MiB touched
+    before = peak_memory_mb()["rss_peak_mb"]
+    del big
+    assert reset_peak_memory(), "VmHWM reset via /proc/self/clear_refs is not available here"
+    small = np.ones(20 * 2**20 // 8)
+    after = peak_memory_mb()["rss_peak_mb"]
+    assert small.sum() > 0
+    assert after < before - 200, (before, after)

@@ -216,3 +216,20 @@ def test_training_split_with_a_last_batch_of_one_image_trains(store: str) -> Non
     metrics = run(compose_config([*FAST, "data.batch_size=7", "study=one-image"]))
     assert metrics["data/train_size"] == 50
     assert metrics["compute/train_samples"] == 50  # the last image trained, folded into batch 7
+
+
+def test_compute_totals_cover_every_phase_and_evaluation(store: str) -> None:
+    cfg = compose_config([*FAST, "trainer.max_epochs=3", "finetune=head_then_all", "finetune.head_epochs=1"])
+    m = run(cfg)
+    client = mlflow.MlflowClient(store)
+    (job,) = client.search_runs([client.get_experiment_by_name("adhoc").experiment_id])
+    logged = job.data.metrics
+    head, tune = logged["compute/head_flops_per_sample"], logged["compute/finetune_flops_per_sample"]
+    n_head, n_tune = logged["compute/head_samples"], logged["compute/finetune_samples"]
+    assert head < tune
+    assert (n_head, n_tune) == (50, 100)  # 1 + 2 epochs of 50 images
+    assert m["compute/train_flops"] == pytest.approx(head * n_head + tune * n_tune)
+    assert m["compute/train_flops_per_sample"] == pytest.approx((head * n_head + tune * n_tune) / 150)
+    assert m["compute/train_flops_per_sample"] < tune  # not the last phase's value
+    evaluated = 3 * m["data/val_size"] + m["data/test_size"]  # validation after each of 3 epochs, one test
+    assert m["compute/eval_flops"] == pytest.approx(m["compute/inference_flops_per_sample"] * evaluated)

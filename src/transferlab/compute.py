@@ -12,6 +12,7 @@ import resource
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -118,20 +119,52 @@ def trainable_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def reset_peak_memory() -> bool:
+    """Start a job's peak-memory window, so each job of a sweep reports its own peak, not the
+    process's maximum so far. CUDA: reset_peak_memory_stats; RSS (Linux): writing "5" to
+    /proc/self/clear_refs resets VmHWM. False where RSS cannot be reset (the peak is then the
+    process's)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        _CLEAR_REFS.write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _vm_hwm_mb() -> float | None:
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**10  # kB
+    except OSError:
+        pass
+    return None
+
+
 def peak_memory_mb() -> dict[str, float]:
-    """Peak resident memory of this process and peak CUDA allocation (0 without CUDA)."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    rss_mb = rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
+    """Peak resident memory and peak CUDA allocation (0 without CUDA) since `reset_peak_memory`."""
+    rss_mb = _vm_hwm_mb()
+    if rss_mb is None:  # no /proc: the process's peak
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        rss_mb = rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
     cuda_mb = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
     return {"rss_peak_mb": rss_mb, "cuda_peak_mb": cuda_mb}
 
 
 class FitTimer(pl.Callback):
-    """Wall time and samples seen over one or more `trainer.fit` calls (accumulates)."""
+    """Wall time and training samples over one or more `trainer.fit` calls (accumulates), and the
+    samples evaluated (validation and test forward passes, counted for `compute/eval_flops`)."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
         self.samples = 0
+        self.eval_samples = 0
         self._start: float | None = None
 
     @property
@@ -155,3 +188,10 @@ class FitTimer(pl.Callback):
         batch_idx: int,
     ) -> None:
         self.samples += extract_batch_size(batch)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if not trainer.sanity_checking:
+            self.eval_samples += extract_batch_size(batch)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self.eval_samples += extract_batch_size(batch)

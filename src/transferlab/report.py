@@ -34,6 +34,7 @@ METRICS = {
     "data/train_size": "train_size",
     "compute/train_flops": "train_flops",
     "compute/train_flops_per_sample": "train_flops_per_sample",
+    "compute/eval_flops": "eval_flops",
     "compute/fit_seconds": "fit_seconds",
     "compute/trainable_params": "trainable_params",
     "data/test_size": "test_size",
@@ -145,6 +146,7 @@ def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
                 "test_size": g["test_size"].min() if "test_size" in g else math.nan,
                 "train_flops": g["train_flops"].mean(),
                 "train_flops_per_sample": g["train_flops_per_sample"].mean(),
+                "eval_flops": g["eval_flops"].mean() if "eval_flops" in g else math.nan,
                 "fit_seconds": g["fit_seconds"].mean(),
                 "trainable_params": g["trainable_params"].mean(),
             }
@@ -296,12 +298,14 @@ def render_markdown(experiment: str, tables: Tables, sweep_run_id: str | None) -
         f"- seeds: {seeds}",
         f"- sweep run: {sweep_run_id or 'none found'}",
         "- accuracy = test accuracy in %; CI = 95% Student-t interval over seeds, clipped to [0, 100]",
+        "- cost per run (mean over seeds): train FLOPs = forward + backward over every phase and epoch; "
+        "FLOPs/sample = that total / training samples seen; eval FLOPs = validation and test forward passes",
         f"- software: {software(runs)}",
         "",
         "## Summary per target",
         "",
     ]
-    head = ["strategy", "n", "acc mean", "std", "95% CI", "train FLOPs", "FLOPs/sample"]
+    head = ["strategy", "n", "acc mean", "std", "95% CI", "train FLOPs (run)", "FLOPs/sample", "eval FLOPs"]
     for target, s in summary.groupby("target", sort=False):
         rows = [
             [
@@ -312,6 +316,7 @@ def render_markdown(experiment: str, tables: Tables, sweep_run_id: str | None) -
                 _interval(r.acc_ci_low_pct, r.acc_ci_high_pct),
                 _flops(r.train_flops),
                 _flops(r.train_flops_per_sample),
+                _flops(r.eval_flops),
                 _num(r.fit_seconds),
                 _num(r.trainable_params, ".0f"),
             ]

@@ -21,6 +21,7 @@ from transferlab.compute import (
     forward_flops,
     layer_costs,
     peak_memory_mb,
+    reset_peak_memory,
     trainable_params,
     training_flops_per_sample,
 )
@@ -91,6 +92,7 @@ def _fit_and_test(
     cfg: DictConfig, tracker: RunTracker, checkpoint: Path | None, backbone_out: Path | None
 ) -> dict[str, float]:
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    reset_peak_memory()  # this job's peak, not the process's (sweeps run many jobs per process)
     backbone = create_backbone(cfg.backbone, checkpoint)
     spec = input_spec(backbone.model, cfg.backbone)
     data = build_datamodule(cfg.data, spec, int(cfg.seed), cache_dir=cfg.cache_dir)
@@ -118,7 +120,7 @@ def _fit_and_test(
     features = PhaseFeatures(cfg, module, data, costs)
     tracker.set_tags({"transferlab.cache_features": features.mode})
     timer = FitTimer()
-    trainer, epoch, carried, train_flops, unfrozen = None, 0, 0, 0.0, set()
+    trainer, epoch, carried, train_flops, eval_flops, unfrozen = None, 0, 0, 0.0, 0.0, set()
     module.total_epochs = epochs
     for phase in phases:
         module.set_trainable(phase.trainable)
@@ -126,24 +128,37 @@ def _fit_and_test(
         tracker.log_metrics({f"unfrozen_at/{stages.names[s]}": epoch for s in phase.trainable - unfrozen}, step=epoch)
         unfrozen |= phase.trainable
         trainer = _trainer(cfg.trainer, phase, phase.epochs + carried, val_every, [EpochLogger(tracker), timer])
-        seen = timer.samples
+        seen, evaluated = timer.samples, timer.eval_samples
         fit_data = features.datamodule(phase.name, phase.trainable, trainer)
         trainer.fit(module, datamodule=fit_data)
         ran = trainer.current_epoch
         carried = phase.epochs + carried - ran
         epoch += ran
         per_sample = training_flops_per_sample(module, features.train_costs()) + module.teacher_flops_per_sample
-        train_flops += per_sample * (timer.samples - seen) * trainer.world_size
-        tracker.log_metrics({f"compute/{phase.name}_flops_per_sample": per_sample}, step=epoch)
+        phase_samples = (timer.samples - seen) * trainer.world_size
+        train_flops += per_sample * phase_samples
+        # validation forward passes, on cached features where this phase used them
+        eval_flops += forward_flops(features.train_costs()) * (timer.eval_samples - evaluated) * trainer.world_size
+        tracker.log_metrics(
+            {
+                f"compute/{phase.name}_flops_per_sample": per_sample,
+                f"compute/{phase.name}_flops": per_sample * phase_samples,
+                f"compute/{phase.name}_samples": phase_samples,
+            },
+            step=epoch,
+        )
         if trainer.world_size > 1:
             tracker.log_metrics({"ddp/param_divergence": _rank_divergence(module)}, step=epoch)
 
+    evaluated = timer.eval_samples
     tested = trainer.test(module, datamodule=fit_data, verbose=False)[0]
+    eval_flops += forward_flops(features.train_costs()) * (timer.eval_samples - evaluated) * trainer.world_size
     tracker.set_tags(features.tags())
     metrics = {k: float(v) for k, v in tested.items()}
     metrics |= {
-        "compute/train_flops": train_flops,
-        "compute/train_flops_per_sample": per_sample,
+        "compute/train_flops": train_flops,  # every phase
+        "compute/train_flops_per_sample": train_flops / max(1, timer.samples * trainer.world_size),
+        "compute/eval_flops": eval_flops,
         "compute/inference_flops_per_sample": forward_flops(costs),  # the student's alone
         "compute/teacher_flops_per_sample": module.teacher_flops_per_sample,
         "compute/teacher_flops": module.teacher_flops_per_sample * timer.samples * trainer.world_size,
