@@ -219,7 +219,8 @@ def test_training_split_with_a_last_batch_of_one_image_trains(store: str) -> Non
 
 
 def test_compute_totals_cover_every_phase_and_evaluation(store: str) -> None:
-    cfg = compose_config([*FAST, "trainer.max_epochs=3", "finetune=head_then_all", "finetune.head_epochs=1"])
+    overrides = ["trainer.max_epochs=3", "finetune=head_then_all", "finetune.head_epochs=1"]
+    cfg = compose_config([*FAST, *overrides, "finetune.cache_features=off"])  # every pass on images
     m = run(cfg)
     client = mlflow.MlflowClient(store)
     (job,) = client.search_runs([client.get_experiment_by_name("adhoc").experiment_id])
