@@ -10,6 +10,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
+from transferlab import wise
 from transferlab.data import validate_data_config
 from transferlab.errors import ConfigError
 from transferlab.features import CACHE_MODES
@@ -95,6 +96,7 @@ def validate(cfg: DictConfig) -> None:
     if int(cfg.trainer.max_epochs) < 1:
         raise ConfigError(f"trainer.max_epochs={cfg.trainer.max_epochs} must be >= 1")
     route_for(cfg).validate(cfg)
+    wise.validate(ft)
 
 
 def validate_stages(cfg: DictConfig) -> None:

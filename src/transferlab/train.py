@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping
 from safetensors.torch import save_file
 
+from transferlab import wise
 from transferlab.compute import (
     FitTimer,
     forward_flops,
@@ -119,6 +120,7 @@ def _fit_and_test(
     costs = layer_costs(module, torch.zeros(1, spec.in_chans, spec.size, spec.size))
     features = PhaseFeatures(cfg, module, data, costs)
     tracker.set_tags({"transferlab.cache_features": features.mode})
+    start = wise.snapshot(module) if cfg.finetune.wise_alphas else None
     timer = FitTimer()
     trainer, epoch, carried, train_flops, eval_flops, unfrozen = None, 0, 0, 0.0, 0.0, set()
     module.total_epochs = epochs
@@ -172,6 +174,12 @@ def _fit_and_test(
         **features.metrics(),
         **counts,
     }
+    if start is not None:  # WiSE-FT: the best-val interpolation becomes the result and the model
+        evaluated = int(counts["data/val_size"] + counts["data/test_size"])
+        alphas = list(cfg.finetune.wise_alphas)
+        metrics |= wise.wise_metrics(
+            module, start, alphas, trainer, fit_data, tracker.log_metrics, forward_flops(costs), evaluated
+        )
     tracker.log_metrics(metrics, step=epoch)
     _save_weights(module, tracker, cfg.tracking.log_model, backbone_out)
     return metrics
