@@ -4,6 +4,7 @@ command, and one end-to-end run into a temporary MLflow store."""
 from __future__ import annotations
 
 import mlflow
+import numpy as np
 import pytest
 
 from transferlab.advise import Settings, advise, decide, expand, verify_commands
@@ -20,7 +21,7 @@ def test_targets_come_from_data_sweeps_and_candidates_from_backbone_overrides():
     targets, candidates = expand(["experiment=default"])
     assert len(targets) == 4  # data x data.samples_per_class of the default grid; finetune and seed ignored
     assert {tuple(t[1:]) for t in targets} == {
-        (f"data={d}", f"data.samples_per_class={n}") for d in ("animals_similar", "digits") for n in ("10", "null")
+        (f"data={d}", f"data.samples_per_class={n}") for d in ("animals_similar", "digits") for n in ("5", "null")
     }
     assert candidates == [[]]  # the configured backbone
     targets, candidates = expand(["data=digits", "backbone.weights=source,scratch", "seed=0,1"])
@@ -39,10 +40,23 @@ def test_targets_come_from_data_sweeps_and_candidates_from_backbone_overrides():
 )
 def test_four_cases(per_class, probes, size, domain, strategies):
     advice = decide("t", per_class, _rows("a:source", probes), Settings(small_per_class=50, different_loss_pts=5))
+    assert np.isnan(advice.gain_pts)  # no random-init reference: only the stage loss votes
     assert (advice.size, advice.domain, advice.strategies) == (size, domain, strategies)
     assert advice.best_stage == "stage1"
     assert advice.last_stage == "stage2"
     assert advice.loss_pts == pytest.approx(probes[1] - probes[2])
+
+
+def test_a_source_no_better_than_random_features_is_different():
+    scores = _rows("a:source", [50.0, 60.0, 62.0])
+    reference = [r | {"candidate": "a:scratch", "reference": True} for r in _rows("a:source", [55.0, 70.0, 75.0])]
+    advice = decide("t", 500, scores + reference, Settings(similar_gain_pts=5, different_loss_pts=10))
+    assert advice.gain_pts == pytest.approx(62.0 - 75.0)
+    assert advice.loss_pts == pytest.approx(0.0)  # the last stage is its best: only the reference tells
+    assert advice.domain == "different"
+    assert advice.best_candidate == "a:source"  # the reference is a bar, never the advice
+    helpful = [r | {"probe": r["probe"] - 20} for r in reference]
+    assert decide("t", 500, scores + helpful, Settings(similar_gain_pts=5)).domain == "similar"
 
 
 def test_best_candidate_is_judged_on_its_own_last_stage():
@@ -75,6 +89,7 @@ def test_advise_end_to_end_logs_every_score(store: str, capsys: pytest.CaptureFi
     assert advice.size == "small"
     client = mlflow.MlflowClient(store)
     (run,) = client.search_runs([client.get_experiment_by_name("adv").experiment_id])
+    assert "(random-init reference)" not in printed  # the candidate is random init itself
     assert run.data.tags["transferlab.role"] == "advise"
     assert run.data.tags["transferlab.advise.strategies"] == ",".join(advice.strategies)
     stages = run.data.tags["transferlab.advise.stages"].split(",")

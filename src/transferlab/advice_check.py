@@ -181,7 +181,18 @@ def advice_markdown(
         return []
     lines = ["## Advice (transferlab advise) vs outcome", ""]
     out = outcomes(advice, runs, summary, pairs)
-    head = ["target", "advice", "numbers behind it", "advise s", "sweep s", "winner", "advised", "gap", "outcome"]
+    head = [
+        "target",
+        "advice",
+        "numbers behind it",
+        "advise s",
+        "sweep s",
+        "ratio",
+        "winner",
+        "advised",
+        "gap",
+        "outcome",
+    ]
     rows = [
         [
             r.target,
@@ -189,6 +200,7 @@ def advice_markdown(
             r.numbers,
             f"{r.advise_s:.1f}",
             f"{r.sweep_s:.0f}",
+            "n/a" if not r.sweep_s > 0 else f"{100 * r.advise_s / r.sweep_s:.1f}%",
             r.winner,
             r.advised,
             "n/a" if pd.isna(r.gap_pts) else f"{r.gap_pts:.1f}",

@@ -44,7 +44,8 @@ class Settings:
     """Thresholds of the verdicts; every one is printed next to the number it judges."""
 
     small_per_class: int = 50  # fewer train images per class than this: a small target
-    different_loss_pts: float = 5.0  # last stage's probe this far below the best stage: different source
+    different_loss_pts: float = 10.0  # last stage's probe this far below the best stage: different source
+    similar_gain_pts: float = 5.0  # last stage's probe must beat random-init features by this: else different
     knn_k: int = 5
     seeds: tuple[int, ...] = (0, 1, 2)  # of the verifying sweep
 
@@ -59,6 +60,7 @@ class Advice:
     best_stage: str
     last_stage: str
     loss_pts: float
+    gain_pts: float  # best candidate's last stage minus the random-init reference's last stage
     strategies: tuple[str, ...]
     scores: list[dict] = field(default_factory=list)
     commands: list[str] = field(default_factory=list)
@@ -116,6 +118,7 @@ def stage_features(cfg: DictConfig) -> tuple[dict[str, dict[str, np.ndarray]], d
     from transferlab.weights import create_backbone, input_spec
 
     checkpoint, _ = resolve_checkpoint(cfg)
+    torch.manual_seed(int(cfg.seed))  # random-init weights (the reference) are the same every time
     model = create_backbone(cfg.backbone, checkpoint).model.eval()
     stages = map_stages(model)
     spec = input_spec(model, cfg.backbone)
@@ -146,6 +149,9 @@ def score_stages(
     feats: dict[str, dict[str, np.ndarray]], labels: dict[str, np.ndarray], stages: list[str], knn_k: int
 ) -> list[dict]:
     """One row per stage: LogME and k-NN on train, the ridge probe's val accuracy (in %)."""
+    # Leave-one-out k-NN with k near the class size votes against the left-out class (its class
+    # has one image fewer): keep k at most half the smallest class.
+    k = max(1, min(knn_k, (int(np.bincount(labels["train"]).min()) - 1) // 2))
     rows = []
     for stage in stages:
         train, val = feats["train"][stage], feats["val"][stage]
@@ -154,7 +160,7 @@ def score_stages(
                 "stage": stage,
                 "dims": train.shape[1],
                 "logme": logme(train, labels["train"]),
-                "knn": 100 * knn_accuracy(train, labels["train"], knn_k),
+                "knn": 100 * knn_accuracy(train, labels["train"], k),
                 "probe": 100 * ridge_probe_accuracy(train, labels["train"], val, labels["val"]),
             }
         )
@@ -164,16 +170,30 @@ def score_stages(
 # --- verdicts ---------------------------------------------------------------------------------------
 def decide(target: str, per_class: int, scores: list[dict], settings: Settings) -> Advice:
     """The four-case verdict from the scores (rows with candidate, stage, probe, ...; stages of a
-    candidate in forward order). The best (candidate, stage) has the highest probe accuracy, LogME
-    breaking ties; similarity is judged on the best candidate's own last stage."""
-    best = max(scores, key=lambda r: (r["probe"], r["logme"]))
-    own = [r for r in scores if r["candidate"] == best["candidate"]]
-    last = own[-1]
+    candidate in forward order; rows marked `reference` are random-init features of the same
+    network). The best (candidate, stage) has the highest probe accuracy, LogME breaking ties.
+    The source is different when its late layers are source-specific (the last stage probes far
+    below the best) or bring nothing (the last stage barely beats random-init features)."""
+    real = [r for r in scores if not r.get("reference")] or scores
+    best = max(real, key=lambda r: (r["probe"], r["logme"]))
+    last = [r for r in real if r["candidate"] == best["candidate"]][-1]
     loss = best["probe"] - last["probe"]
+    reference = [r for r in scores if r.get("reference") and r["stage"] == last["stage"]]
+    gain = last["probe"] - reference[0]["probe"] if reference else float("nan")
     size = "small" if per_class < settings.small_per_class else "large"
-    domain = "different" if loss > settings.different_loss_pts else "similar"
+    different = loss > settings.different_loss_pts or gain < settings.similar_gain_pts  # NaN gain: no vote
+    domain = "different" if different else "similar"
     return Advice(
-        target, per_class, size, domain, best["candidate"], best["stage"], last["stage"], loss, STRATEGIES[size, domain]
+        target,
+        per_class,
+        size,
+        domain,
+        best["candidate"],
+        best["stage"],
+        last["stage"],
+        loss,
+        gain,
+        STRATEGIES[size, domain],
     )
 
 
@@ -201,7 +221,7 @@ def render(advice: Advice, settings: Settings) -> str:
     rows = [
         {
             "rank": i + 1,
-            "candidate": r["candidate"],
+            "candidate": r["candidate"] + (" (random-init reference)" if r.get("reference") else ""),
             "stage": r["stage"],
             "dims": r["dims"],
             "probe val %": f"{r['probe']:.1f}",
@@ -217,8 +237,9 @@ def render(advice: Advice, settings: Settings) -> str:
         format_table(rows),
         "",
         f"- size: {a.size} ({a.per_class} train images in the smallest class; small < {settings.small_per_class})",
-        f"- source: {a.domain} (best stage {a.best_stage} probes {a.loss_pts:+.1f} pts above the last stage "
-        f"{a.last_stage}; different > {settings.different_loss_pts:g} pts)",
+        f"- source: {a.domain} (the best stage {a.best_stage} probes {a.loss_pts:+.1f} pts above the last "
+        f"stage {a.last_stage}: different above {settings.different_loss_pts:g}; the last stage probes "
+        f"{a.gain_pts:+.1f} pts above random-init features: different below {settings.similar_gain_pts:g})",
         f"- cut / freeze at: {a.best_stage} of {a.best_candidate}",
         f"- strategy ({a.size} + {a.domain}): {' or '.join(a.strategies)}"
         + (f" (finetune.truncate_after={a.best_stage})" if "probe_early" in a.strategies else ""),
@@ -237,10 +258,14 @@ def advise_target(target: list[str], candidates: list[list[str]], settings: Sett
     cfgs = [compose_config(target + c) for c in candidates]
     for cfg in cfgs:
         validate(cfg)
+    # Random-init features of the first candidate's network: the bar a useful source must clear.
+    reference = compose_config([*target, *candidates[0], "backbone.weights=scratch"])
+    known = {_label(c) for c in cfgs}
     scores: list[dict] = []
-    for cfg in cfgs:
+    for cfg in [*cfgs, reference] if _label(reference) not in known else cfgs:
         feats, labels, stages = stage_features(cfg)
-        scores += [{"candidate": _label(cfg)} | row for row in score_stages(feats, labels, stages, settings.knn_k)]
+        extra = {"candidate": _label(cfg), "reference": cfg is reference}
+        scores += [extra | row for row in score_stages(feats, labels, stages, settings.knn_k)]
     cfg = cfgs[0]
     train_labels = labels["train"]
     per_class = int(np.bincount(train_labels).min())
@@ -274,9 +299,10 @@ def _log(cfg: DictConfig, advice: Advice, settings: Settings, sizes: dict[str, f
         metrics |= sizes | {
             "advise/per_class": advice.per_class,
             "advise/last_stage_loss_pts": advice.loss_pts,
+            "advise/last_stage_gain_over_random_pts": advice.gain_pts,
             "advise/seconds": advice.seconds,
         }
-        tracker.log_metrics(metrics)
+        tracker.log_metrics({k: v for k, v in metrics.items() if np.isfinite(v)})
         tracker.log_text(render(advice, settings), "advice.md")
         header = "candidate,stage,dims,logme,knn,probe\n"
         body = "".join(
