@@ -21,7 +21,6 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
 from transferlab.config import compose_config, validate
-from transferlab.errors import ConfigError
 from transferlab.identity import flatten
 from transferlab.stages import format_table
 from transferlab.tracking import RunTracker
@@ -109,40 +108,18 @@ def expand(overrides: list[str]) -> tuple[list[list[str]], list[list[str]]]:
 
 # --- features and scores --------------------------------------------------------------------------
 def stage_features(cfg: DictConfig) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, np.ndarray], list[str]]:
-    """Pooled frozen features at the end of every stage with a timm feature output, one forward per
-    split: ({split: {stage: [N, C]}}, {split: labels}, stage names in forward order)."""
-    from transferlab.data import build_datamodule
-    from transferlab.data.transforms import BatchTransform
-    from transferlab.pretrain import resolve_checkpoint  # may train the source model first
+    """Pooled frozen features at the end of every stage, one forward per split through the feature
+    cache (`features.stage_features`): ({split: {stage: [N, C]}}, {split: labels}, stage names in
+    forward order)."""
+    from transferlab import features
     from transferlab.stages import map_stages
-    from transferlab.weights import create_backbone, input_spec
+    from transferlab.weights import build_model
 
-    checkpoint, _ = resolve_checkpoint(cfg)
     torch.manual_seed(int(cfg.seed))  # random-init weights (the reference) are the same every time
-    model = create_backbone(cfg.backbone, checkpoint).model.eval()
-    stages = map_stages(model)
-    spec = input_spec(model, cfg.backbone)
-    data = build_datamodule(cfg.data, spec, int(cfg.seed))
-    named = {stages.names[s]: i for s, i in sorted(stages.feature_index.items())}
-    if not named or not hasattr(model, "forward_intermediates"):
-        raise ConfigError(f"{cfg.backbone.name} has no per-stage feature outputs: advise needs forward_intermediates")
-    order = sorted(set(named.values()))
-    normalise = BatchTransform(spec, "none")
-    feats: dict[str, dict[str, np.ndarray]] = {}
-    labels: dict[str, np.ndarray] = {}
-    with torch.inference_mode():
-        for split in ("train", "val"):
-            images, y = data.splits[split]
-            parts: dict[str, list[np.ndarray]] = {n: [] for n in named}
-            for start in range(0, len(y), 256):
-                x, _ = normalise((images[start : start + 256], y[start : start + 256]))
-                maps = dict(zip(order, model.forward_intermediates(x, indices=order, intermediates_only=True)))
-                for name, index in named.items():
-                    fmap = maps[index]
-                    parts[name].append((fmap.mean(dim=(2, 3)) if fmap.ndim == 4 else fmap.mean(dim=1)).numpy())
-            feats[split] = {n: np.concatenate(p) for n, p in parts.items()}
-            labels[split] = y.numpy()
-    return feats, labels, list(named)
+    found = features.stage_features(cfg, ("train", "val"))
+    order = [n for n in map_stages(build_model(cfg.backbone, pretrained=False)).names if n in found["train"].features]
+    feats = {split: {n: np.asarray(fs.features[n], dtype=np.float64) for n in order} for split, fs in found.items()}
+    return feats, {split: fs.labels.numpy() for split, fs in found.items()}, order
 
 
 def score_stages(
