@@ -66,6 +66,18 @@ def test_best_candidate_is_judged_on_its_own_last_stage():
     assert advice.domain == "similar"  # loses 1 pt, while a:source's last stage is 65 pts below b's best
 
 
+def test_bad_input_is_one_line(capsys: pytest.CaptureFixture) -> None:
+    from transferlab.cli import main
+
+    assert main(["advise", "data=nope"]) == 2
+    assert main(["advise", "data=digits", "--small-per-class", "0"]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 2
+    assert errors[0].startswith("transferlab advise: error:")
+    assert "nope" in errors[0]
+    assert "--small-per-class=0" in errors[1]
+
+
 def test_verifying_commands():
     advice = decide("t", 10, _rows("a:source", [50.0, 80.0, 60.0]), Settings())
     plain, stage_check = verify_commands(advice, "check", ["data=digits"], [], Settings(seeds=(0, 1)))

@@ -21,6 +21,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
 from transferlab.config import compose_config, validate
+from transferlab.errors import ConfigError
 from transferlab.identity import flatten
 from transferlab.stages import format_table
 from transferlab.tracking import RunTracker
@@ -47,6 +48,12 @@ class Settings:
     similar_gain_pts: float = 5.0  # last stage's probe must beat random-init features by this: else different
     knn_k: int = 5
     seeds: tuple[int, ...] = (0, 1, 2)  # of the verifying sweep
+
+    def __post_init__(self) -> None:
+        if self.small_per_class < 1 or self.knn_k < 1:
+            raise ConfigError(f"--small-per-class={self.small_per_class} and k={self.knn_k} must be >= 1")
+        if not (self.different_loss_pts >= 0 and np.isfinite(self.similar_gain_pts)):
+            raise ConfigError(f"--different-loss-pts={self.different_loss_pts} must be >= 0 (pts of val accuracy)")
 
 
 @dataclass
