@@ -112,3 +112,17 @@ def test_advise_end_to_end_logs_every_score(store: str, capsys: pytest.CaptureFi
     assert 0 <= run.data.metrics["advise/test_resnet:scratch/stage4/probe"] <= 100
     assert run.data.metrics["data/train_size"] == 50
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"advice.md", "scores.csv"}
+
+
+def test_target_label_matches_the_reports_label_for_the_same_runs():
+    import pandas as pd
+    from omegaconf import OmegaConf
+
+    from transferlab.advise import target_label
+    from transferlab.report import label_runs
+
+    for name, root in (("digits", None), ("imagefolder", "/data/leaves/")):
+        row = {"run_id": "r", "condition_hash": "c", "seed": 0, "train_size": 30.0, "start_time": 0}
+        row |= {"params.data.name": name, "params.data.root": str(root), "params.finetune.strategy": "probe"}
+        (reported,) = label_runs(pd.DataFrame([row]))["target"]
+        assert target_label(OmegaConf.create({"name": name, "root": root}), 30) == reported

@@ -82,9 +82,12 @@ def _label(cfg: DictConfig) -> str:
     return candidate_label(str(cfg.backbone.name), str(cfg.backbone.weights))
 
 
-def target_label(data_name: str, train_size: int) -> str:
-    """Same label the report gives a target: data name and train images."""
-    return f"{data_name} / {int(train_size)} train"
+def target_label(data: DictConfig, train_size: int) -> str:
+    """The label the report gives the target's runs (`report.label_runs`): name and train images."""
+    from transferlab.report import target_name
+
+    name = target_name({"params.data.name": str(data.name), "params.data.root": str(data.get("root"))})
+    return f"{name} / {int(train_size)} train"
 
 
 # --- what to advise on ---------------------------------------------------------------------------
@@ -253,7 +256,7 @@ def advise_target(target: list[str], candidates: list[list[str]], settings: Sett
     cfg = cfgs[0]
     train_labels = labels["train"]
     per_class = int(np.bincount(train_labels).min())
-    advice = decide(target_label(cfg.data.name, len(train_labels)), per_class, scores, settings)
+    advice = decide(target_label(cfg.data, len(train_labels)), per_class, scores, settings)
     advice.scores = scores
     best = next(c for c, g in zip(candidates, cfgs) if _label(g) == advice.best_candidate)
     advice.commands = verify_commands(advice, str(cfg.study), target, best, settings)
