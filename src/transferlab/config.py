@@ -17,6 +17,7 @@ from transferlab.features import CACHE_MODES
 from transferlab.finetune import SCHEDULES, target_trainable
 from transferlab.model import OPTIMIZERS
 from transferlab.routes import route_for
+from transferlab.speed import validate_speed_config
 from transferlab.stages import map_stages
 from transferlab.weights import build_model, validate_backbone_config
 
@@ -75,6 +76,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"{missing[0]} is required (it is ???): set it on the command line, e.g. {missing[0]}=...")
     validate_backbone_config(cfg.backbone)
     validate_data_config(cfg.data)
+    validate_speed_config(cfg.trainer)
     ft = cfg.finetune
     if ft.strategy == "scratch" and cfg.backbone.weights != "scratch":
         raise ConfigError(

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping
 from safetensors.torch import save_file
 
-from transferlab import wise
+from transferlab import speed, wise
 from transferlab.compute import (
     FitTimer,
     forward_flops,
@@ -98,6 +98,7 @@ def _fit_and_test(
     spec = input_spec(backbone.model, cfg.backbone)
     data = build_datamodule(cfg.data, spec, int(cfg.seed), cache_dir=cfg.cache_dir)
     module, route_tags = build_module(cfg, backbone.model, spec, data.num_classes)
+    speed.apply_speedups(module, data, cfg.trainer)
     stages = module.stages
     target = target_trainable(cfg.finetune, stages, module.kept)
     epochs = _epochs(cfg.trainer, len(data.train_dataloader()))
@@ -213,8 +214,8 @@ def _trainer(cfg: DictConfig, phase: Phase, epochs: int, val_every: int, callbac
         devices=cfg.devices,
         num_nodes=cfg.num_nodes,
         strategy=cfg.strategy,
-        precision=cfg.precision,
-        deterministic=cfg.deterministic,
+        precision=speed.precision(cfg),
+        deterministic=speed.deterministic(cfg),
         fast_dev_run=cfg.fast_dev_run,
         limit_train_batches=cfg.limit_train_batches,
         callbacks=callbacks,
