@@ -193,8 +193,9 @@ def test_gpu_transform_matches_cpu(augment):
 def test_ordered_batches_are_fixed_and_unaugmented(tmp_path):
     cfg = data_cfg(samples_per_class=10, augment="strong", batch_size=7)
     dm = build_datamodule(cfg, GREY28, seed=0, cache_dir=tmp_path)
-    first = torch.cat([x for x, _ in dm.ordered_batches("train")])
-    again = torch.cat([x for x, _ in dm.ordered_batches("train", batch_size=30)])
+    first = torch.cat([x for x, _ in dm.ordered_dataloader("train")])
+    dm.batch_size = 30
+    again = torch.cat([x for x, _ in dm.ordered_dataloader("train")])
     assert torch.equal(first, again)
     torch.testing.assert_close(first, dm.splits["train"][0].float() / 255)
 

@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from transferlab import speed
 from transferlab.cache import cache_key, ensure
 from transferlab.compute import LayerCost, forward_flops
 from transferlab.errors import ConfigError
@@ -363,7 +364,7 @@ def extract_stage_features(
     if not hasattr(backbone, "forward_intermediates"):
         raise ConfigError(f"{type(backbone).__name__} has no forward_intermediates: pick a timm model that has one")
     device = device or device_for(cfg.trainer.accelerator)
-    precision = str(cfg.trainer.precision)
+    precision = speed.precision(cfg.trainer)  # `auto` resolved for this device
     named = {stages.names[s]: i for s, i in sorted(stages.feature_index.items())}
     identity = feature_identity(cfg, backbone, "all-stages", data.spec)
     per_sample = functools.cache(lambda: _forward_flops(backbone, data.spec))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -268,7 +267,7 @@ class TransferDataModule(pl.LightningDataModule):
             sampler=BatchSampler(SequentialSampler(dataset), self.batch_size, drop_last=False),
             batch_size=None,
             num_workers=self.num_workers,
-            collate_fn=BatchTransform(self.spec, "none"),
+            collate_fn=self.transform(train=False),
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -279,14 +278,6 @@ class TransferDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", train=False)
-
-    def ordered_batches(self, split: str, batch_size: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Deterministic batches of `split` in stored order (eval crop, no augmentation): what a
-        frozen-feature cache needs."""
-        dataset, transform = _IndexBatches(*self.splits[split]), self.transform(train=False)
-        step = batch_size or self.batch_size
-        for start in range(0, len(dataset), step):
-            yield transform(dataset[list(range(start, min(len(dataset), start + step)))])
 
 
 def _num_workers(cfg: DictConfig, in_ram: bool) -> int:
