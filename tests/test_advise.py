@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
+from omegaconf import OmegaConf
 
-from transferlab.advise import Settings, advise, decide, expand, verify_commands
+from transferlab.advise import Settings, advise, decide, expand, target_label, verify_commands
+from transferlab.report import label_runs
 
 
 def _rows(candidate: str, probes: list[float], stages=("stem", "stage1", "stage2")) -> list[dict]:
@@ -115,12 +118,6 @@ def test_advise_end_to_end_logs_every_score(store: str, capsys: pytest.CaptureFi
 
 
 def test_target_label_matches_the_reports_label_for_the_same_runs():
-    import pandas as pd
-    from omegaconf import OmegaConf
-
-    from transferlab.advise import target_label
-    from transferlab.report import label_runs
-
     for name, root in (("digits", None), ("imagefolder", "/data/leaves/")):
         row = {"run_id": "r", "condition_hash": "c", "seed": 0, "train_size": 30.0, "start_time": 0}
         row |= {"params.data.name": name, "params.data.root": str(root), "params.finetune.strategy": "probe"}
