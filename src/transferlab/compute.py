@@ -102,16 +102,19 @@ def forward_flops(costs: list[LayerCost]) -> float:
 def training_flops_per_sample(model: torch.nn.Module, costs: list[LayerCost]) -> float:
     """Forward + backward FLOPs per sample under the model's current requires_grad state.
 
-    A layer costs F forward, F more for weight grads if it owns a trainable parameter, and F more
-    for input grads if a trainable parameter was used before it: frozen layers below every
-    trainable one need no backward. Full fine-tune is ~3x forward, head only ~1x.
+    A layer costs F forward, F more for weight grads if it owns a trainable weight matrix or kernel,
+    and F more for input grads if a trainable parameter was used before it: frozen layers below every
+    trainable one need no backward. A trainable bias or norm scale alone costs ~0 (a sum over the
+    output gradient), but makes every layer after it pay input grads (BitFit; a frozen base layer
+    under a LoRA adapter). Full fine-tune is ~3x forward, head only ~1x.
     """
     modules = dict(model.named_modules())
     total, below = 0.0, False
     for cost in costs:
-        trainable = any(p.requires_grad for p in modules[cost.name].parameters(recurse=False))
-        total += cost.flops * (1 + trainable + below)
-        below = below or trainable
+        own = [p for p in modules[cost.name].parameters(recurse=False) if p.requires_grad]
+        weight_grads = any(p.ndim > 1 for p in own)
+        total += cost.flops * (1 + weight_grads + below)
+        below = below or bool(own)
     return total
 
 

@@ -57,6 +57,7 @@ class TransferModule(pl.LightningModule):
     """
 
     teacher_flops_per_sample = 0.0  # training FLOPs outside forward(): a distillation teacher
+    only_params: frozenset[str] | None = None  # a route's subset of backbone params (BitFit, LoRA)
 
     def __init__(
         self,
@@ -120,7 +121,8 @@ class TransferModule(pl.LightningModule):
     def set_trainable(self, stages: frozenset[int]) -> None:
         self.trainable = frozenset(stages)
         for name, param in self.backbone.named_parameters():
-            param.requires_grad_(self.stages.param_stage[name] in self.trainable)
+            chosen = self.only_params is None or name in self.only_params
+            param.requires_grad_(chosen and self.stages.param_stage[name] in self.trainable)
         self.head.requires_grad_(True)
         self._frozen_modules = frozen_modules(self.backbone, self.stages, self.trainable)
         self.train(self.training)

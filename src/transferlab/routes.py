@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from omegaconf import DictConfig
 from torch import nn
 
-from transferlab import distill
+from transferlab import distill, param_efficient
 from transferlab.data import InputSpec
 from transferlab.model import TransferModule
 from transferlab.stages import map_stages
@@ -29,11 +29,14 @@ def standard(cfg: DictConfig, backbone: nn.Module, spec: InputSpec, num_classes:
 class Route:
     build: Callable[[DictConfig, nn.Module, InputSpec, int], Built]
     validate: Callable[[DictConfig], None] = lambda cfg: None
+    finalize: Callable[[TransferModule], None] = lambda module: None  # before the model is saved
 
 
 STANDARD = Route(standard)
 ROUTES: dict[str, Route] = {
     "distill": Route(distill.build, distill.validate),
+    "bitfit": Route(param_efficient.build_bitfit),
+    "lora": Route(param_efficient.build_lora, param_efficient.validate_lora, param_efficient.finalize_lora),
 }
 
 

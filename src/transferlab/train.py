@@ -34,7 +34,7 @@ from transferlab.finetune import Phase, plan_phases, target_trainable
 from transferlab.identity import condition_hash, config_hash, flatten
 from transferlab.model import TransferModule
 from transferlab.probes import check_store
-from transferlab.routes import build_module
+from transferlab.routes import build_module, route_for
 from transferlab.stages import format_table, stage_table
 from transferlab.sweep import parent_run_id
 from transferlab.tracking import EpochLogger, RunTracker, finished_run, tracking_uri
@@ -182,6 +182,7 @@ def _fit_and_test(
             module, start, alphas, trainer, fit_data, tracker.log_metrics, forward_flops(costs), evaluated
         )
     tracker.log_metrics(metrics, step=epoch)
+    route_for(cfg).finalize(module)
     _save_weights(module, tracker, cfg.tracking.log_model, backbone_out)
     return metrics
 
