@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from transferlab.advise import Settings, advise, decide, expand, target_label, verify_commands
+from transferlab.advise import Settings, advise, candidate_label, decide, expand, target_label, verify_commands
 from transferlab.report import label_runs
 
 
@@ -115,6 +115,15 @@ def test_advise_end_to_end_logs_every_score(store: str, capsys: pytest.CaptureFi
     assert 0 <= run.data.metrics["advise/test_resnet:scratch/stage4/probe"] <= 100
     assert run.data.metrics["data/train_size"] == 50
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"advice.md", "scores.csv"}
+
+
+def test_candidate_labels_are_valid_mlflow_metric_names():
+    from mlflow.utils.validation import _validate_metric_name
+
+    for weights in ("source", "runs:/abc123/model/backbone.safetensors", "/data/w@v2+final (copy).pth"):
+        label = candidate_label("resnet18.a1_in1k", weights)
+        _validate_metric_name(f"advise/{label}/stage4/probe")  # raises on a bad name
+    assert candidate_label("resnet18", "~/w@1.pth") == "resnet18:_/w_1.pth"
 
 
 def test_target_label_matches_the_reports_label_for_the_same_runs():

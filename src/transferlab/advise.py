@@ -12,6 +12,7 @@ Each target's advice is one MLflow run (role `advise`); the report checks it aga
 from __future__ import annotations
 
 import itertools
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -74,8 +75,9 @@ class Advice:
 
 
 def candidate_label(name: str, weights: str) -> str:
-    """How a backbone is named in advise metrics and matched to sweep runs (params backbone.*)."""
-    return f"{name}:{weights}"
+    """How a backbone is named in advise metrics and matched to sweep runs (params backbone.*);
+    characters MLflow refuses in metric names (a weights path may hold any) become `_`."""
+    return re.sub(r"[^\w\-. :/]", "_", f"{name}:{weights}")
 
 
 def _label(cfg: DictConfig) -> str:
