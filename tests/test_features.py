@@ -206,3 +206,21 @@ def test_head_costs_keep_only_the_head():
     ]
     assert [c.name for c in feat.head_costs(costs)] == ["head.0"]
     assert feat.backbone_flops(costs) == 100.0
+
+
+def test_report_counts_the_build_once_beside_head_only_training_flops():
+    import pandas as pd
+
+    from test_report import _run
+    from transferlab.report import render_markdown, summarize
+
+    runs = [_run("probe", seed, 0.8, flops=1e6) | {"cache_build_flops": 5e9 if seed == 0 else 0.0} for seed in range(3)]
+    runs += [_run("fine_tune", seed, 0.9) for seed in range(3)]
+    tables = summarize(pd.DataFrame(runs))
+    probe = tables.summary.set_index("strategy").loc["probe"]
+    assert probe["train_flops"] == 1e6
+    assert probe["cache_build_flops"] == 5e9  # paid once, by seed 0
+    assert tables.summary.set_index("strategy").loc["fine_tune"]["cache_build_flops"] == 0
+    text = render_markdown("x", tables, None)
+    assert "cache build FLOPs (once)" in text
+    assert "| 5 G |" in text

@@ -366,6 +366,8 @@ def extract_stage_features(
     device = device or device_for(cfg.trainer.accelerator)
     precision = speed.precision(cfg.trainer)  # `auto` resolved for this device
     named = {stages.names[s]: i for s, i in sorted(stages.feature_index.items())}
+    if not named:
+        raise ConfigError(f"{type(backbone).__name__} has no per-stage feature outputs: pick another timm model")
     identity = feature_identity(cfg, backbone, "all-stages", data.spec)
     per_sample = functools.cache(lambda: _forward_flops(backbone, data.spec))
     out = {}
@@ -380,6 +382,7 @@ def extract_stage_features(
                 precision=precision,
                 flops_per_sample=per_sample,
             )
+            out[split].features = {n: out[split].features[n] for n in named}  # forward order
     return out
 
 
