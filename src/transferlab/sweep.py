@@ -31,12 +31,13 @@ def parent_run_id() -> str | None:
         return os.environ[PARENT_ENV]
     try:
         from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
 
         hydra_cfg = HydraConfig.get()
     except ValueError:
         return None
     marker = Path(hydra_cfg.sweep.dir) / PARENT_FILE
-    return marker.read_text().strip() if hydra_cfg.mode.name == "MULTIRUN" and marker.exists() else None
+    return marker.read_text().strip() if hydra_cfg.mode == RunMode.MULTIRUN and marker.exists() else None
 
 
 def sweep_grid(config: DictConfig) -> tuple[int, list[str]]:

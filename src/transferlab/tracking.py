@@ -81,16 +81,19 @@ class RunTracker:
         if parent_run_id:
             tags = {**tags, "mlflow.parentRunId": parent_run_id}
         run = self.client.create_run(exp_id, run_name=run_name, tags={**environment_tags(), **tags})
-        self.run_id = run.info.run_id
-        spool = Path(self.cfg.get("fallback_dir") or "outputs/unsaved_runs") / self.run_id
-        self.writer = BufferedClient(self.client, self.run_id, spool, float(self.cfg.get("retry_seconds", 120)))
+        self._open(run.info.run_id)
+
+    def _open(self, run_id: str) -> None:
+        self.run_id = run_id
+        spool = Path(self.cfg.get("fallback_dir") or "outputs/unsaved_runs") / run_id
+        self.writer = BufferedClient(self.client, run_id, spool, float(self.cfg.get("retry_seconds", 120)))
 
     def attach(self, run_id: str) -> None:
         """Continue an existing run (a resumed job, a sweep's parent): it reads RUNNING again."""
         if not self.enabled:
             return
         self.client, _ = experiment_id(self.cfg)
-        self.run_id = run_id
+        self._open(run_id)
         self.client.update_run(run_id, status="RUNNING")
 
     def log_params(self, params: dict[str, str]) -> None:
