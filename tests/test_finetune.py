@@ -215,13 +215,16 @@ def test_head_phase_then_unfreeze_with_lightning(cfg):
     for step, lrs in enumerate(head_phase):
         assert all(lrs[name] == 0.0 for name in stages.names), lrs
         assert lrs["head"] == pytest.approx(lr * lr_factor(step, total, 0, "cosine"))
+    # Fresh AdamW moments at the unfreeze (optim.at_unfreeze=reset), so the phase re-warms over
+    # rewarm_epochs=0.5 of 4 steps: x0.5 on its first step, then the schedule as it stood.
+    rewarm = [0.5, 1.0, 1.0, 1.0]
     for step, lrs in enumerate(finetune_phase):
-        factor = lr_factor(steps_per_epoch + step, total, 0, "cosine")
+        factor = lr_factor(steps_per_epoch + step, total, 0, "cosine") * rewarm[step]
         assert lrs["head"] == pytest.approx(lr * factor)
+        assert lrs["head.no_decay"] == lrs["head"]
         assert all(lrs[name] == pytest.approx(lr * mult * factor) for name in stages.names)
-    # Continuous across the switch: the finetune phase picks up where the head phase stopped.
-    assert finetune_phase[0]["head"] < head_phase[-1]["head"]
-    assert finetune_phase[0]["head"] == pytest.approx(lr * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    # The schedule resumes where the head phase stopped (times the re-warm-up).
+    assert finetune_phase[1]["head"] == pytest.approx(lr * 0.5 * (1 + math.cos(math.pi * 5 / 8)))
 
 
 def test_min_steps_raises_epochs_for_small_data(cfg):
@@ -243,3 +246,104 @@ def test_small_data_scale_keeps_the_head_phase_share(cfg, stages):
         ("unfreeze3", 5),
         ("finetune", 5),
     ]
+
+
+# --- phase boundaries ------------------------------------------------------------------------
+def _module(cfg, **optim):
+    torch.manual_seed(0)
+    backbone = timm.create_model("test_resnet", pretrained=False, num_classes=0)
+    optim_cfg = OmegaConf.merge(cfg.optim, {"schedule": "constant", "warmup_epochs": 0, **optim})
+    return TransferModule(backbone, map_stages(backbone), 2, (3, SIZE, SIZE), cfg.finetune, optim_cfg)
+
+
+def _fit(module, epochs, callbacks):
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=callbacks,
+    )
+    trainer.fit(module, *_loaders())
+    return trainer
+
+
+def test_best_weights_end_the_phase_and_select_last_keeps_the_final_ones(cfg):
+    from transferlab.finetune import BestWeights
+
+    for select in ("best", "last"):
+        module = _module(cfg, lr=3.0)  # head LR 30: val loss jumps around, the last epoch is not the best
+        module.set_trainable(frozenset())
+        best = BestWeights(select)
+        losses = []
+
+        class Record(pl.Callback):
+            def on_validation_end(self, trainer, pl_module):
+                losses.append(float(trainer.callback_metrics["val/loss"]))
+
+        _fit(module, 6, [Record(), best])
+        assert best.best_loss == min(losses)
+        assert losses.index(min(losses)) != len(losses) - 1, losses  # the setup really has a better earlier epoch
+        x, y = _loaders()[1].dataset.tensors
+        module.eval()
+        with torch.no_grad():
+            final = float(torch.nn.functional.cross_entropy(module(x), y))
+        expected = min(losses) if select == "best" else losses[-1]
+        assert final == pytest.approx(expected, rel=1e-5)
+
+
+def test_warmup_scales_with_the_small_data_epoch_factor(cfg):
+    module = _module(cfg, warmup_epochs=1)
+    module.total_epochs, module.epoch_scale = 4, 2  # 2 epochs make one configured epoch
+    recorder = LrRecorder()
+    _fit(module, 4, [recorder])
+    head = [step["head"] for step in recorder.steps]
+    lr = float(module.head_lr)
+    assert head[:9] == pytest.approx([lr * k / 8 for k in range(1, 9)] + [lr])  # 4 steps/epoch x 1 x 2
+
+
+@pytest.mark.parametrize("at_unfreeze", ["reset", "carry"])
+def test_optimizer_state_at_unfreeze(cfg, at_unfreeze):
+    module = _module(cfg, at_unfreeze=at_unfreeze, rewarm_epochs=0.5)
+    module.total_epochs = 2
+    module.set_trainable(frozenset())
+    _fit(module, 1, [])
+    seen = {}
+
+    class FirstStep(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == 0:
+                state = trainer.optimizers[0].state.get(pl_module.head[-1].weight, {})
+                seen["step"] = float(state["step"]) if "step" in state else 0.0
+                seen["lr"] = {g["name"]: g["lr"] for g in trainer.optimizers[0].param_groups}
+
+    module.set_trainable(frozenset(range(5)))
+    module.epoch_offset = 1
+    _fit(module, 1, [FirstStep()])
+    assert seen["step"] == (4.0 if at_unfreeze == "carry" else 0.0)  # 4 head steps' moments, or fresh
+    rewarm = 0.5 if at_unfreeze == "reset" else 1.0  # re-warm-up over 2 of the 4 steps after a reset
+    assert seen["lr"]["head"] == pytest.approx(module.head_lr * rewarm)
+
+
+def test_each_phase_and_epoch_has_its_own_shuffle():
+    from transferlab.data import InputSpec, TransferDataModule
+
+    n = 32
+    images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 1, 2, 2).contiguous()
+    splits = {s: (images, torch.arange(n) % 2) for s in ("train", "val", "test")}
+    dm = TransferDataModule(splits, ["a", "b"], InputSpec(2, 1, (0.0,), (1.0,)), seed=0, batch_size=8)
+
+    def order(offset: int, epoch: int) -> list[int]:
+        dm.epoch_offset = offset  # the runner sets it before each phase's fit
+        loader = dm.train_dataloader()
+        loader.sampler.set_epoch(epoch)  # what Lightning calls at each epoch start
+        return [int(v) for x, _ in loader for v in (x[:, 0, 0, 0] * 255).round()]
+
+    head_phase, next_phase = order(0, 0), order(3, 0)  # epoch 0 of two phases
+    assert sorted(head_phase) == sorted(next_phase) == list(range(n))
+    assert head_phase != next_phase, "a later phase replays the first phase's shuffle"
+    assert order(0, 1) != head_phase
+    assert order(3, 0) == order(0, 3) == order(0, 3)  # a function of (seed, global epoch)

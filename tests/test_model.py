@@ -109,7 +109,8 @@ def test_truncation_keeps_stages_up_to_the_cut(cfg, pristine):
     assert names
     assert not [n for n in names if n.startswith(("layer3", "layer4"))]
     assert {module.stages.param_stage[n] for n in names} == {0, 1, 2}
-    assert [g["name"] for g in module.param_groups()] == ["stem", "stage1", "stage2", "head"]
+    names = [g["name"] for g in module.param_groups() if "weight_decay" not in g]
+    assert names == ["stem", "stage1", "stage2", "head"]
 
     before = {n: p.detach().clone() for n, p in module.named_parameters()}
     optimizer = torch.optim.AdamW(module.param_groups())
@@ -165,18 +166,18 @@ def test_head_is_fresh_and_seeded(cfg, pristine):
 
 def test_param_groups_names_and_lrs(cfg, pristine):
     module = make(cfg, pristine)
-    groups = module.param_groups()
+    groups = [g for g in module.param_groups() if "weight_decay" not in g]  # decayed halves
     lr, mult = float(cfg.optim.lr) * float(cfg.finetune.head_lr_mult), float(cfg.finetune.backbone_lr_mult)
     assert [g["name"] for g in groups] == ["stem", "stage1", "stage2", "stage3", "stage4", "head"]
     assert groups[-1]["lr"] == lr
     assert [g["lr"] for g in groups[:-1]] == pytest.approx([lr * mult] * 5)
-    grouped = [id(p) for g in groups for p in g["params"]]
+    grouped = [id(p) for g in module.param_groups() for p in g["params"]]
     assert sorted(grouped) == sorted(id(p) for p in module.parameters())  # each param exactly once
 
 
 def test_layer_decay_lowers_lr_toward_the_stem(cfg, pristine):
     module = make(cfg, pristine, layer_decay=0.5, backbone_lr_mult=1.0)
-    lrs = [g["lr"] for g in module.param_groups()]
+    lrs = [g["lr"] for g in module.param_groups() if "weight_decay" not in g]
     lr = float(cfg.optim.lr) * float(cfg.finetune.head_lr_mult)
     assert lrs == pytest.approx([lr / 16, lr / 8, lr / 4, lr / 2, lr, lr])
     assert min(lrs) == lrs[0]
@@ -193,3 +194,26 @@ def test_accuracy_is_plain_not_balanced(cfg, pristine):
     logits = torch.nn.functional.one_hot(torch.tensor([0, 0, 0, 0, 1]), classes).float()
     module.test_acc(logits, torch.tensor([0, 0, 0, 0, 2]))
     assert module.test_acc.compute().item() == pytest.approx(0.8)  # macro averaging would say 0.33
+
+
+@pytest.mark.parametrize("name", ["test_resnet", "test_vit", "test_efficientnet"])
+def test_no_weight_decay_on_norm_bias_and_tokens(cfg, name):
+    """timm's convention (optim.param_groups_weight_decay): norm and bias parameters, and the
+    model's no_weight_decay() set (ViT pos_embed, cls_token), are never decayed."""
+    torch.manual_seed(0)
+    kwargs = {"img_size": SIZE} if "vit" in name else {}
+    backbone = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+    module = TransferModule(backbone, map_stages(backbone), 2, (3, SIZE, SIZE), cfg.finetune, cfg.optim)
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    optimizer = torch.optim.AdamW(module.param_groups(), weight_decay=0.5)
+    for p in module.parameters():
+        p.grad = torch.zeros_like(p)  # only weight decay moves anything
+    optimizer.step()
+    norm_types = (nn.BatchNorm2d, nn.LayerNorm)
+    norms = {f"backbone.{n}" for n, m in module.backbone.named_modules() if isinstance(m, norm_types)}
+    tokens = {f"backbone.{t}" for t in getattr(backbone, "no_weight_decay", set)()}
+    moved = {n for n, p in module.named_parameters() if not torch.equal(p, before[n])}
+    for n, p in module.named_parameters():
+        exempt = n.endswith(".bias") or n.rsplit(".", 1)[0] in norms or n in tokens
+        assert (n in moved) is not exempt, f"{n}: {'decayed' if n in moved else 'not decayed'}"
+    assert moved, "no weight decayed at all"

@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import pytorch_lightning as pl
+import torch
 from omegaconf import DictConfig
 
 from transferlab.errors import ConfigError
@@ -104,3 +106,32 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> 
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     raise ConfigError(f"optim.schedule={schedule!r} is unknown: use {' or '.join(SCHEDULES)}")
+
+
+SELECT = ("best", "last")
+
+
+class BestWeights(pl.Callback):
+    """Ends a phase on its best validation weights (lowest `val/loss`), buffers included, so an
+    early-stopped head phase hands its best head to the unfreeze and the test sees the best
+    model (finetuning-scheduler's `restore_best`). `select=last` keeps the final weights."""
+
+    def __init__(self, select: str = "best") -> None:
+        if select not in SELECT:
+            raise ConfigError(f"finetune.select={select!r} is unknown: use {' or '.join(SELECT)}")
+        self.select = select
+        self.best_loss = math.inf
+        self.best_epoch: int | None = None
+        self._state: dict[str, torch.Tensor] | None = None
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        loss = trainer.callback_metrics.get("val/loss")
+        if trainer.sanity_checking or loss is None or not float(loss) < self.best_loss:
+            return
+        self.best_loss, self.best_epoch = float(loss), trainer.current_epoch
+        if self.select == "best":
+            self._state = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.state_dict().items()}
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._state is not None:
+            pl_module.load_state_dict(self._state)

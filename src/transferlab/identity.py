@@ -32,8 +32,9 @@ def flatten(cfg: DictConfig) -> dict[str, str]:
 
 # Bump whenever the same config would train differently (a bug fix in freezing, phases, data
 # order, ...): it is folded into every config hash, so `tracking.resume` and the source-model
-# cache never hand back results made by older code. History: 2 = frozen BatchNormAct2d stats.
-TRAINING_SEMANTICS = 2
+# cache never hand back results made by older code. History: 2 = frozen BatchNormAct2d stats;
+# 3 = best-val weights per phase, optimizer reset + re-warm-up, no WD on norm/bias, per-phase shuffle.
+TRAINING_SEMANTICS = 3
 
 
 def config_hash(cfg: DictConfig, exclude: tuple[str, ...] = ("tracking",)) -> str:

@@ -88,9 +88,12 @@ class TransferModule(pl.LightningModule):
         self.lr_mults = stage_lr_mults(finetune, self.kept)
         self.trainable: frozenset[int] = frozenset(range(self.kept))
         self._frozen_modules: list[nn.Module] = []
-        # The LR schedule spans all phases; the runner sets where the current phase starts.
+        # The LR schedule spans all phases; the runner sets where the current phase starts and
+        # how many epochs make one configured epoch (small data gets more, finetune.plan_phases).
         self.total_epochs = 1
         self.epoch_offset = 0
+        self.epoch_scale = 1
+        self._carried_state: dict[nn.Parameter, dict] = {}  # optim.at_unfreeze=carry
         metrics = {"num_classes": num_classes}
         # torchmetrics' MulticlassAccuracy defaults to macro (balanced) accuracy: ask for plain accuracy.
         self.train_acc = MulticlassAccuracy(average="micro", **metrics)
@@ -135,18 +138,24 @@ class TransferModule(pl.LightningModule):
 
     # --- optimisation ---------------------------------------------------------------------
     def param_groups(self) -> list[dict]:
-        """One group per kept stage plus the head; all built up front, named for logging."""
+        """Per kept stage plus the head, all built up front and named for logging; each split
+        into weights and `<name>.no_decay` (norm, bias, position/class tokens: timm's
+        `param_groups_weight_decay` convention, weight decay 0)."""
         base = self.head_lr
-        groups = [
-            {
-                "name": self.stages.names[i],
-                "params": self.stages.params_in(self.backbone, i),
-                "lr": base * self.lr_mults[i],
-                "stage": i,
-            }
-            for i in range(self.kept)
-        ]
-        groups.append({"name": "head", "params": list(self.head.parameters()), "lr": base, "stage": None})
+        skip = set(getattr(self.backbone, "no_weight_decay", set)())
+        named = {i: [] for i in range(self.kept)}
+        for name, param in self.backbone.named_parameters():
+            named[self.stages.param_stage[name]].append((name, param))
+        named[None] = [(f"head.{n}", p) for n, p in self.head.named_parameters()]
+        groups = []
+        for stage, params in named.items():
+            label, lr = ("head", base) if stage is None else (self.stages.names[stage], base * self.lr_mults[stage])
+            no_decay = [p for n, p in params if p.ndim <= 1 or n.endswith(".bias") or n in skip]
+            decay = [p for n, p in params if not any(p is q for q in no_decay)]
+            groups.append({"name": label, "params": decay, "lr": lr, "stage": stage})
+            groups.append(
+                {"name": f"{label}.no_decay", "params": no_decay, "lr": lr, "stage": stage, "weight_decay": 0.0}
+            )
         return [g for g in groups if g["params"]]
 
     def configure_optimizers(self):
@@ -155,17 +164,34 @@ class TransferModule(pl.LightningModule):
         steps_per_epoch = max(1, self.trainer.estimated_stepping_batches // self.trainer.max_epochs)
         total = steps_per_epoch * self.total_epochs
         offset = steps_per_epoch * self.epoch_offset
-        warmup = steps_per_epoch * int(cfg.warmup_epochs)
+        warmup = steps_per_epoch * int(cfg.warmup_epochs) * self.epoch_scale
+        # A later phase starts with fresh AdamW moments (optim.at_unfreeze=reset): its first
+        # updates are ~lr x sign(grad) for every parameter, so it re-warms for a short while.
+        rewarm = 0
+        if self.epoch_offset > 0 and cfg.at_unfreeze == "reset":
+            rewarm = max(1, round(steps_per_epoch * float(cfg.rewarm_epochs) * self.epoch_scale))
+        if self.epoch_offset > 0 and cfg.at_unfreeze == "carry":
+            for param, state in self._carried_state.items():
+                optimizer.state[param] = {k: v.clone() if torch.is_tensor(v) else v for k, v in state.items()}
 
         def factor_for(group: dict):
             frozen = group["stage"] is not None and group["stage"] not in self.trainable
-            return lambda step: 0.0 if frozen else lr_factor(offset + step, total, warmup, cfg.schedule)
+
+            def factor(step: int) -> float:
+                ramp = min(1.0, (step + 1) / rewarm) if rewarm else 1.0
+                return 0.0 if frozen else ramp * lr_factor(offset + step, total, warmup, cfg.schedule)
+
+            return factor
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [factor_for(g) for g in optimizer.param_groups])
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
+
+    def on_train_end(self) -> None:
+        """Keep AdamW moments for `optim.at_unfreeze=carry` (parameters stay the same objects)."""
+        self._carried_state = {p: dict(st) for p, st in self.trainer.optimizers[0].state.items() if st}
 
     # --- steps ----------------------------------------------------------------------------
     def _step(self, batch, split: str, accuracy: MulticlassAccuracy) -> torch.Tensor:

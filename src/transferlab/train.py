@@ -30,7 +30,7 @@ from transferlab.config import validate
 from transferlab.data import build_datamodule
 from transferlab.execution import REASON_TAG, FailOnNonFiniteLoss, format_traceback, report_failure
 from transferlab.features import PhaseFeatures
-from transferlab.finetune import Phase, plan_phases, target_trainable
+from transferlab.finetune import BestWeights, Phase, plan_phases, target_trainable
 from transferlab.identity import condition_hash, config_hash, flatten
 from transferlab.model import TransferModule
 from transferlab.probes import check_store
@@ -124,17 +124,22 @@ def _fit_and_test(
     start = wise.snapshot(module) if cfg.finetune.wise_alphas else None
     timer = FitTimer()
     trainer, epoch, carried, train_flops, eval_flops, unfrozen = None, 0, 0, 0.0, 0.0, set()
-    module.total_epochs = epochs
+    module.total_epochs, module.epoch_scale = epochs, val_every
+    best_epochs: dict[str, float] = {}
     for phase in phases:
         module.set_trainable(phase.trainable)
-        module.epoch_offset = epoch
+        module.epoch_offset = data.epoch_offset = epoch
         tracker.log_metrics({f"unfrozen_at/{stages.names[s]}": epoch for s in phase.trainable - unfrozen}, step=epoch)
         unfrozen |= phase.trainable
-        trainer = _trainer(cfg.trainer, phase, phase.epochs + carried, val_every, [EpochLogger(tracker), timer])
+        best = BestWeights(str(cfg.finetune.select))
+        callbacks = [EpochLogger(tracker), timer, best]
+        trainer = _trainer(cfg.trainer, phase, phase.epochs + carried, val_every, callbacks)
         seen, evaluated = timer.samples, timer.eval_samples
         fit_data = features.datamodule(phase.name, phase.trainable, trainer)
         trainer.fit(module, datamodule=fit_data)
         ran = trainer.current_epoch
+        if best.best_epoch is not None:  # the phase ended on these weights (select=best)
+            best_epochs[f"best_epoch/{phase.name}"] = epoch + best.best_epoch
         carried = phase.epochs + carried - ran
         epoch += ran
         per_sample = training_flops_per_sample(module, features.train_costs()) + module.teacher_flops_per_sample
@@ -181,7 +186,7 @@ def _fit_and_test(
         metrics |= wise.wise_metrics(
             module, start, alphas, trainer, fit_data, tracker.log_metrics, forward_flops(costs), evaluated
         )
-    tracker.log_metrics(metrics, step=epoch)
+    tracker.log_metrics(metrics | best_epochs, step=epoch)
     route_for(cfg).finalize(module)
     _save_weights(module, tracker, cfg.tracking.log_model, backbone_out)
     return metrics

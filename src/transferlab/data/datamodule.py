@@ -134,9 +134,12 @@ class _EpochBatches(BatchSampler):
     train on one value per channel ("Expected more than 1 value per channel"); no image is dropped.
     """
 
-    def __init__(self, sampler, batch_size: int, fold_single: bool = False) -> None:
+    def __init__(
+        self, sampler, batch_size: int, fold_single: bool = False, seed: int = 0, epoch_offset: int = 0
+    ) -> None:
         super().__init__(sampler, batch_size, drop_last=False)
         self.fold_single = fold_single
+        self.seed, self.epoch_offset = seed, epoch_offset
 
     def _folds(self) -> bool:
         return self.fold_single and len(self.sampler) % self.batch_size == 1 and len(self.sampler) > 1
@@ -159,8 +162,13 @@ class _EpochBatches(BatchSampler):
         return super().__len__() - self._folds()
 
     def set_epoch(self, epoch: int) -> None:
+        """Lightning counts epochs from 0 in every `fit` (one per phase): shuffle by the run's
+        global epoch, so no phase replays another's order."""
+        epoch += self.epoch_offset
         if hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(epoch)
+        elif isinstance(getattr(self.sampler, "generator", None), torch.Generator):
+            self.sampler.generator.manual_seed(self.seed * 1_000_003 + epoch)
 
 
 class TransferDataModule(pl.LightningDataModule):
@@ -195,6 +203,7 @@ class TransferDataModule(pl.LightningDataModule):
         self.subset_hash = subset_hash
         self.skipped = skipped
         self.train_indices = train_indices  # source indices of the train subset (hashed above)
+        self.epoch_offset = 0  # the run's epoch where the current phase starts (set by the runner)
         self.counts = {
             name: {c: int((y == i).sum()) for i, c in enumerate(self.class_names)} for name, (_, y) in splits.items()
         }
@@ -250,7 +259,9 @@ class TransferDataModule(pl.LightningDataModule):
         on_device = self.on_device()
         return DataLoader(
             dataset,
-            sampler=_EpochBatches(order, self.batch_size, fold_single=train),
+            sampler=_EpochBatches(
+                order, self.batch_size, fold_single=train, seed=self.seed, epoch_offset=self.epoch_offset
+            ),
             batch_size=None,  # the sampler yields whole index batches
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
