@@ -17,6 +17,7 @@ from transferlab.features import CACHE_MODES
 from transferlab.finetune import SCHEDULES, target_trainable
 from transferlab.model import OPTIMIZERS
 from transferlab.routes import route_for
+from transferlab.schema import check_fields
 from transferlab.speed import validate_speed_config
 from transferlab.stages import map_stages
 from transferlab.weights import build_model, validate_backbone_config
@@ -74,6 +75,7 @@ def validate(cfg: DictConfig) -> None:
     """Cheap checks of every group; each failure is one line naming the field and the fix."""
     if missing := sorted(OmegaConf.missing_keys(cfg)):
         raise ConfigError(f"{missing[0]} is required (it is ???): set it on the command line, e.g. {missing[0]}=...")
+    check_fields(cfg)  # types and ranges (schema.FIELDS); the checks below span fields or registries
     validate_backbone_config(cfg.backbone)
     validate_data_config(cfg.data)
     validate_speed_config(cfg.trainer)
@@ -85,18 +87,12 @@ def validate(cfg: DictConfig) -> None:
         )
     if ft.freeze_depth != "all" and not (isinstance(ft.freeze_depth, int) and ft.freeze_depth >= 0):
         raise ConfigError(f"finetune.freeze_depth={ft.freeze_depth!r} is invalid: use an integer >= 0 or 'all'")
-    if int(ft.head_epochs or 0) < 0 or int(ft.gradual_every) < 1:
-        raise ConfigError("finetune.head_epochs must be >= 0 and finetune.gradual_every >= 1")
     if ft.get("cache_features", "auto") not in CACHE_MODES:
         raise ConfigError(f"finetune.cache_features={ft.cache_features!r} is unknown: use {' or '.join(CACHE_MODES)}")
     if cfg.optim.name not in OPTIMIZERS:
         raise ConfigError(f"optim.name={cfg.optim.name!r} is unknown: use {' or '.join(OPTIMIZERS)}")
     if cfg.optim.schedule not in SCHEDULES:
         raise ConfigError(f"optim.schedule={cfg.optim.schedule!r} is unknown: use {' or '.join(SCHEDULES)}")
-    if not float(cfg.optim.lr) > 0:
-        raise ConfigError(f"optim.lr={cfg.optim.lr} must be > 0")
-    if int(cfg.trainer.max_epochs) < 1:
-        raise ConfigError(f"trainer.max_epochs={cfg.trainer.max_epochs} must be >= 1")
     route_for(cfg).validate(cfg)
     wise.validate(ft)
 

@@ -1,0 +1,82 @@
+"""The typed fields of the config: type, range or choices, and an example fix, in one table.
+
+`check_fields` runs on every composed config before any job of a sweep starts (cli, train.run),
+so runtime code may assume these hold; `FIELDS` also lists the valid names (for did-you-mean).
+Fields are read where they are used; only their validity lives here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from transferlab.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Field:
+    kind: type  # int, float or str (float accepts ints; bools are never numbers)
+    ok: Callable[[Any], bool] = lambda v: True
+    rule: str = ""  # what `ok` requires, said to the user
+    example: str = ""
+    nullable: bool = False
+
+
+def _choice(*values: str) -> Field:
+    return Field(str, lambda v: v in values, f"one of {' | '.join(values)}", values[0])
+
+
+def _int(low: int, example: int, nullable: bool = False) -> Field:
+    return Field(int, lambda v: v >= low, f"an integer >= {low}", str(example), nullable)
+
+
+def _float(rule: str, ok: Callable[[float], bool], example: float, nullable: bool = False) -> Field:
+    return Field(float, lambda v: math.isfinite(v) and ok(v), rule, str(example), nullable)
+
+
+FIELDS: dict[str, Field] = {
+    "seed": _int(0, 0),
+    "optim.lr": _float("a number > 0", lambda v: v > 0, 0.001),
+    "optim.weight_decay": _float("a number >= 0", lambda v: v >= 0, 0.0001),
+    "optim.momentum": _float("a number in [0, 1)", lambda v: 0 <= v < 1, 0.9),
+    "optim.warmup_epochs": _int(0, 1),
+    "optim.at_unfreeze": _choice("reset", "carry"),
+    "optim.rewarm_epochs": _float("a number >= 0", lambda v: v >= 0, 0.5),
+    "finetune.head_lr_mult": _float("a number > 0", lambda v: v > 0, 10),
+    "finetune.backbone_lr_mult": _float("a number >= 0", lambda v: v >= 0, 0.1),
+    "finetune.layer_decay": _float("a number in (0, 1] or null", lambda v: 0 < v <= 1, 0.7, nullable=True),
+    "finetune.head_epochs": _int(0, 2, nullable=True),
+    "finetune.head_patience": _int(1, 3, nullable=True),
+    "finetune.gradual_every": _int(1, 1),
+    "finetune.select": _choice("best", "last"),
+    "finetune.head.dropout": _float("a number in [0, 1)", lambda v: 0 <= v < 1, 0.1),
+    "trainer.max_epochs": _int(1, 6),
+    "trainer.min_steps": _int(0, 60, nullable=True),
+    "trainer.num_nodes": _int(1, 1),
+    "data.batch_size": _int(1, 64),
+    "data.num_workers": _int(0, 0, nullable=True),
+    "data.split_seed": _int(0, 0),
+}
+
+
+_ABSENT = object()
+
+
+def _typed(value: Any, kind: type) -> bool:
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int | float) if kind is float else isinstance(value, kind)
+
+
+def check_fields(cfg: DictConfig, fields: dict[str, Field] = FIELDS) -> None:
+    """Raise one line naming the first field whose value has the wrong type or range, and a fix."""
+    for path, spec in fields.items():
+        value = OmegaConf.select(cfg, path, default=_ABSENT, throw_on_missing=False)
+        if value is _ABSENT or value is None and spec.nullable:  # a config without that group
+            continue
+        if value is None or not _typed(value, spec.kind) or not spec.ok(value):
+            raise ConfigError(f"{path}={value!r} is invalid: use {spec.rule}, e.g. {path}={spec.example}")
