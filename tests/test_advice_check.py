@@ -3,10 +3,11 @@ accuracy per (candidate, stage), and per target whether the advised strategy won
 
 from __future__ import annotations
 
+import mlflow
 import pandas as pd
 import pytest
 
-from transferlab.advice_check import advice_markdown, outcomes, probe_accuracy, rank_agreement
+from transferlab.advice_check import advice_markdown, load_advice, outcomes, probe_accuracy, rank_agreement
 from transferlab.report import summarize
 
 TARGET = "digits / 100 train"
@@ -120,3 +121,36 @@ def test_section_renders_advice_next_to_outcome():
     assert "10/class; last stage -25.0 pts vs stage2 | 1.5 | 36 | 4.2% |" in text  # 1.5 s vs 12 runs x 3 s
     assert "| probe | digits / 100 train | 3 | +1.00 |" in text
     assert advice_markdown(pd.DataFrame(), scores, tables.runs, tables.summary, tables.pairs) == []
+
+
+def test_load_advice_reads_the_latest_advise_run_per_target(store: str) -> None:
+    client = mlflow.MlflowClient(store)
+    exp = client.create_experiment("study")
+    for verdict, score in (("old", 1.0), ("new", 2.0)):
+        run = client.create_run(
+            exp,
+            tags={
+                "transferlab.role": "advise",
+                "transferlab.advise.target": TARGET,
+                "transferlab.advise.size": verdict,
+                "transferlab.advise.strategies": "probe_early",
+                "transferlab.advise.stages": "stem,stage1,stage2",
+            },
+        )
+        for key, value in {
+            "advise/test_resnet:/w/x.pth/stage2/probe": 80.0 * score,
+            "advise/test_resnet:/w/x.pth/stem/logme": -0.5,
+            "advise/per_class": 10.0,
+            "advise/seconds": 1.5,
+        }.items():
+            client.log_metric(run.info.run_id, key, value)
+        client.set_terminated(run.info.run_id)
+    advice, scores = load_advice(client, "study")
+    (row,) = advice.itertuples()
+    assert row.size == "new"
+    assert row.per_class == 10.0
+    by_key = scores.set_index(["stage", "measure"])
+    assert by_key.loc[("stage2", "probe"), "score"] == 160.0
+    assert by_key.loc[("stage2", "probe"), "candidate"] == "test_resnet:/w/x.pth"  # slashes survive
+    assert by_key.loc[("stem", "logme"), "order"] == 0
+    assert load_advice(client, "no such study")[0].empty
