@@ -215,9 +215,10 @@ class FeatureDataModule(pl.LightningDataModule):
         super().__init__()
         self.data = data
         self.load = load
+        self.loaded: dict[str, FeatureSet] = {}  # Lightning asks for the train loader twice per fit
 
     def _loader(self, split: str, original: DataLoader) -> DataLoader:
-        found = self.load(split)
+        found = self.loaded.get(split) or self.loaded.setdefault(split, self.load(split))
         (features,) = found.features.values()
         return same_batches(_IndexedRows(features, found.labels), original)
 
