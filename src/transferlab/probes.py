@@ -15,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlparse
 
+from omegaconf import DictConfig, ListConfig
+
 from transferlab.errors import ConfigError
 
 STORE_TIMEOUT_S = 5.0
@@ -133,3 +135,24 @@ def ensure_hub_or_offline() -> bool:
         flush=True,
     )
     return False
+
+
+def check_devices(trainer: DictConfig) -> None:
+    """`trainer.devices` against what this node has: Lightning would fail later with a traceback
+    (GPUs) or start one process per requested CPU device (64 processes on a 2-core machine)."""
+    import torch
+
+    devices, accelerator = trainer.devices, str(trainer.accelerator)
+    if devices in (None, "auto", -1, "-1"):
+        return
+    wanted = len(devices) if isinstance(devices, list | ListConfig) else int(devices)
+    gpus = torch.cuda.device_count()
+    if accelerator in ("gpu", "cuda") and gpus == 0:
+        raise ConfigError(
+            f"trainer.accelerator={accelerator} but no CUDA GPU is visible: use trainer.accelerator=cpu or auto"
+        )
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and gpus > 0)
+    have, unit = (gpus, "GPU(s)") if on_gpu else (os.cpu_count() or 1, "CPU cores")
+    highest = max(int(d) + 1 for d in devices) if isinstance(devices, list | ListConfig) else wanted
+    if highest > have:
+        raise ConfigError(f"trainer.devices={devices} but this node has {have} {unit}: use at most {have}")

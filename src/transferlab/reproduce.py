@@ -21,6 +21,7 @@ from transferlab.probes import check_store
 from transferlab.tracking import tracking_uri
 
 ALLOWED_TARGETS = ("transferlab.", "torch.", "timm.", "pytorch_lightning.", "lightning.", "torchmetrics.")
+LOCAL_WRITES = ("cache_dir", "tracking.artifact_root", "tracking.fallback_dir")
 COMPARED = ("test/acc", "test/f1", "test/loss", "compute/train_flops")
 
 
@@ -70,6 +71,26 @@ def logged_config(client: mlflow.MlflowClient, run_id: str) -> DictConfig:
     return cfg
 
 
+def localize_paths(cfg: DictConfig) -> DictConfig:
+    """A logged config may come from anyone with access to a shared store: where this machine
+    writes (caches, artifacts, fallback logs) comes from its own defaults, never from the logged
+    values, and a data download may only go inside the working directory."""
+    from transferlab.config import compose_config
+
+    defaults = compose_config([])
+    for key in LOCAL_WRITES:
+        OmegaConf.update(cfg, key, OmegaConf.select(defaults, key, default=None), merge=False)
+    root = OmegaConf.select(cfg, "data.root")
+    if OmegaConf.select(cfg, "data.download") and root is not None:
+        here = Path.cwd().resolve()
+        if not Path(root).resolve().is_relative_to(here):
+            raise ConfigError(
+                f"logged config downloads data into data.root={root!r}, outside {here}: refusing; "
+                "put the data there yourself or reproduce from a folder that contains it"
+            )
+    return cfg
+
+
 def source_weights(client: mlflow.MlflowClient, cfg: DictConfig, tags: dict[str, str]) -> str:
     """The source model a job started from: its run in this store, else the cached file with the
     same source-config hash (a job logged before its source was registered in this store)."""
@@ -103,7 +124,7 @@ def reproduce(run_id: str, uri: str | None = None) -> Reproduction:
         raise ConfigError(
             f"run {run_id!r} is not in the tracking store {uri}: check the id and MLFLOW_TRACKING_URI"
         ) from err
-    cfg = logged_config(client, run_id)
+    cfg = localize_paths(logged_config(client, run_id))
     cfg.tracking.uri = uri
     cfg.tracking.resume = False  # a rerun, not a skip
     if cfg.backbone.weights == "source":  # the exact source weights, not today's recipe

@@ -33,7 +33,7 @@ from transferlab.features import PhaseFeatures
 from transferlab.finetune import BestWeights, Phase, plan_phases, target_trainable
 from transferlab.identity import condition_hash, config_hash, flatten
 from transferlab.model import TransferModule
-from transferlab.probes import check_store
+from transferlab.probes import check_devices, check_store
 from transferlab.routes import build_module, route_for
 from transferlab.stages import format_table, stage_table
 from transferlab.sweep import parent_run_id
@@ -51,6 +51,7 @@ def run(
 ) -> dict[str, float]:
     """Train and test one job; every result lands in one MLflow run (marked FAILED on error)."""
     validate(cfg)
+    check_devices(cfg.trainer)
     check_store(tracking_uri(cfg.tracking))  # seconds, not minutes of MLflow retries; before any data
     if cfg.tracking.resume and (done := finished_run(cfg.tracking, config_hash(cfg))):
         print(f"skipped: this exact job already finished as MLflow run {done.info.run_id}", flush=True)

@@ -7,6 +7,7 @@ a checkpoint from a shared tracking server must not be able to run code.
 from __future__ import annotations
 
 import difflib
+import pickle
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,7 +98,16 @@ def create_backbone(cfg: DictConfig, checkpoint: Path | None = None) -> Backbone
 def load_weights(model: torch.nn.Module, path: Path) -> None:
     """Load a backbone state dict, dropping classifier weights and adapting the first conv to
     the model's input channels (timm sums RGB filters for 1 channel, repeats them for more)."""
-    apply_state(model, load_state_dict(str(path), weights_only=True), path.name)
+    try:
+        state = load_state_dict(str(path), weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, ValueError, OSError, EOFError) as err:
+        # weights_only=True refuses any pickled object that is not plain tensors, without running it
+        reason = str(err).strip().splitlines()[0][:160]
+        raise ConfigError(
+            f"backbone.weights file {path.name} cannot be loaded safely ({type(err).__name__}: {reason}): "
+            "use a .safetensors file or a plain state dict (torch.save(model.state_dict(), path))"
+        ) from err
+    apply_state(model, state, path.name)
 
 
 def apply_state(model: torch.nn.Module, state: dict[str, torch.Tensor], label: str) -> None:
