@@ -116,28 +116,30 @@ def ridge_probe_accuracy(
     vx, vy = np.asarray(val_x, dtype=np.float64), np.asarray(val_y)
     if vx.ndim != 2 or vx.shape[1] != x.shape[1] or len(vx) != len(vy) or len(vy) == 0:
         raise ConfigError(f"probe: val features {vx.shape} do not match train features {x.shape}")
-    lam = best_ridge_penalty(x, y, penalties)
-    return float((ridge_predict(x, y, vx, lam) == vy).mean())
+    parts = _ridge_parts(x, y)
+    lam = best_ridge_penalty(x, y, penalties, parts)
+    return float((ridge_predict(x, y, vx, lam, parts) == vy).mean())
 
 
 def _ridge_parts(x: np.ndarray, y: np.ndarray):
-    """SVD of the standardised (hence centred) train features: the intercept is the target mean."""
+    """SVD of the standardised (hence centred) train features: the intercept is the target mean.
+    Computed once per feature set; every penalty reuses it."""
     mean, std = x.mean(0), np.where(x.std(0) > 1e-12, x.std(0), 1.0)
     u, s, vt = np.linalg.svd((x - mean) / std, full_matrices=False)
     return u, s, vt, _one_hot(y), np.unique(y), mean, std
 
 
-def ridge_predict(x: np.ndarray, y: np.ndarray, new_x: np.ndarray, lam: float) -> np.ndarray:
+def ridge_predict(x: np.ndarray, y: np.ndarray, new_x: np.ndarray, lam: float, parts=None) -> np.ndarray:
     """Labels the ridge classifier fitted on (x, y) with penalty `lam` predicts for `new_x`."""
-    u, s, vt, targets, classes, mean, std = _ridge_parts(x, y)
+    u, s, vt, targets, classes, mean, std = parts or _ridge_parts(x, y)
     coef = vt.T @ ((s / (s**2 + lam))[:, None] * (u.T @ (targets - targets.mean(0))))
     scores = ((new_x - mean) / std) @ coef + targets.mean(0)
     return classes[scores.argmax(1)]
 
 
-def ridge_loo_accuracy(x: np.ndarray, y: np.ndarray, lam: float) -> float:
+def ridge_loo_accuracy(x: np.ndarray, y: np.ndarray, lam: float, parts=None) -> float:
     """Exact leave-one-out accuracy of the ridge classifier: y_-i = (y_hat_i - h_ii y_i) / (1 - h_ii)."""
-    u, s, _, targets, classes, _, _ = _ridge_parts(x, y)
+    u, s, _, targets, classes, _, _ = parts or _ridge_parts(x, y)
     shrink = s**2 / (s**2 + lam)
     fitted = targets.mean(0) + u @ (shrink[:, None] * (u.T @ targets))  # u's columns are centred
     hat = (u**2 * shrink).sum(1) + 1.0 / len(y)  # centring adds 1/n (the intercept's leverage)
@@ -145,10 +147,11 @@ def ridge_loo_accuracy(x: np.ndarray, y: np.ndarray, lam: float) -> float:
     return float((classes[loo.argmax(1)] == y).mean())
 
 
-def best_ridge_penalty(x: np.ndarray, y: np.ndarray, penalties: np.ndarray | None = None) -> float:
+def best_ridge_penalty(x: np.ndarray, y: np.ndarray, penalties: np.ndarray | None = None, parts=None) -> float:
     """The penalty (relative to the sample count) with the best train leave-one-out accuracy; the
     largest on ties (the most regularised of equally good probes)."""
     grid = np.logspace(-3, 3, 13) * len(y) if penalties is None else np.asarray(penalties, dtype=float)
-    scores = [ridge_loo_accuracy(x, y, lam) for lam in grid]
+    parts = parts or _ridge_parts(x, y)
+    scores = [ridge_loo_accuracy(x, y, lam, parts) for lam in grid]
     best = max(scores)
     return float(max(lam for lam, score in zip(grid, scores) if score == best))
