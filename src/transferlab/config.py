@@ -13,7 +13,6 @@ from omegaconf import DictConfig, OmegaConf
 from transferlab import wise
 from transferlab.data import validate_data_config
 from transferlab.errors import ConfigError
-from transferlab.features import CACHE_MODES
 from transferlab.finetune import SCHEDULES, target_trainable
 from transferlab.model import OPTIMIZERS
 from transferlab.routes import route_for
@@ -87,8 +86,6 @@ def validate(cfg: DictConfig) -> None:
         )
     if ft.freeze_depth != "all" and not (isinstance(ft.freeze_depth, int) and ft.freeze_depth >= 0):
         raise ConfigError(f"finetune.freeze_depth={ft.freeze_depth!r} is invalid: use an integer >= 0 or 'all'")
-    if ft.get("cache_features", "auto") not in CACHE_MODES:
-        raise ConfigError(f"finetune.cache_features={ft.cache_features!r} is unknown: use {' or '.join(CACHE_MODES)}")
     if cfg.optim.name not in OPTIMIZERS:
         raise ConfigError(f"optim.name={cfg.optim.name!r} is unknown: use {' or '.join(OPTIMIZERS)}")
     if cfg.optim.schedule not in SCHEDULES:
