@@ -103,11 +103,13 @@ def _check_keys(overrides: list[str]) -> None:
 def _probe_services(combos: list) -> None:
     """Once per sweep, before Hydra starts a job: the tracking store answers, and the model hub
     does when a job wants hub weights (else offline mode, so cached weights load at once)."""
-    from transferlab.probes import check_devices, check_store, ensure_hub_or_offline
+    from transferlab.probes import check_devices, check_store, check_writable, ensure_hub_or_offline
     from transferlab.tracking import tracking_uri
 
     for cfg in combos:
         check_devices(cfg.trainer)
+        if cfg.tracking.get("artifact_root"):
+            check_writable(Path(cfg.tracking.artifact_root).expanduser(), "tracking.artifact_root")
     for uri in {tracking_uri(cfg.tracking) for cfg in combos}:
         check_store(uri)
     if any(cfg.backbone.weights == "pretrained" for cfg in combos):
