@@ -61,7 +61,19 @@ def test_multirun_logs_one_child_run_per_job(store: str, tmp_path: Path) -> None
     full, probe = by_depth["0"].data.metrics, by_depth["all"].data.metrics
     assert probe["compute/trainable_params"] < full["compute/trainable_params"]
     assert probe["compute/train_flops_per_sample"] < 0.5 * full["compute/train_flops_per_sample"]
-    assert {a.path for a in client.list_artifacts(parent.info.run_id, "report")} >= {"report/report.md"}
+    report = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert report >= {"report/report.md", "report/accuracy_vs_compute.png"}
+    # What the runs table shows: short complete names (the swept key included), accuracy in %, GFLOPs.
+    assert {r.info.run_name for r in jobs} == {
+        "digits-5/class-fine_tune-freeze_depth=0-s0",
+        "digits-5/class-fine_tune-freeze_depth=all-s0",
+    }
+    for r in jobs:
+        assert r.data.metrics["test/acc_pct"] == pytest.approx(100 * r.data.metrics["test/acc"])
+        assert r.data.metrics["compute/train_gflops"] == pytest.approx(r.data.metrics["compute/train_flops"] / 1e9)
+    assert "| digits / 50 train |" in parent.data.tags["mlflow.note.content"]  # results table as description
+    exp = client.get_experiment_by_name("e2e")
+    assert "mlflow.sharedViewState.transferlab" in exp.tags  # the runs view the printed links open
 
 
 def test_a_failing_job_is_isolated_and_the_sweep_reports_it(store: str, tmp_path: Path) -> None:

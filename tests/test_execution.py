@@ -41,9 +41,12 @@ def test_non_finite_loss_fails_the_job(bad: float) -> None:
 
 def test_ui_links_open_the_runs_view() -> None:
     # MLflow 3's UI is a hash router; without workflowType it opens on the GenAI overview.
-    assert ui_url("3") == "http://127.0.0.1:5000/#/experiments/3/runs?workflowType=machine_learning"
-    assert ui_url("3", "abc") == "http://127.0.0.1:5000/#/experiments/3/runs/abc"
-    assert ui_url("3", "abc", "http://mlflow.lab:8080/") == "http://mlflow.lab:8080/#/experiments/3/runs/abc"
+    assert (
+        ui_url("3")
+        == "http://127.0.0.1:5000/#/experiments/3/runs?workflowType=machine_learning&viewStateShareKey=transferlab"
+    )
+    assert ui_url("3", "abc") == "http://127.0.0.1:5000/#/experiments/3/runs/abc?workflowType=machine_learning"
+    assert ui_url("3", "abc", "http://mlflow.lab:8080/").startswith("http://mlflow.lab:8080/#/experiments/3/runs/abc?")
 
 
 def test_resume_command_repeats_the_sweep_with_resume_on() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -236,33 +237,45 @@ def _reproduce(args: list[str]) -> int:
 
 
 def _ui(args: list[str]) -> int:
+    """`mlflow server` on the local store, quiet (no per-request log), ended by Ctrl-C without a traceback."""
+    import mlflow
     from omegaconf import OmegaConf
 
+    from transferlab.links import set_default_view, ui_url
     from transferlab.tracking import tracking_uri
 
     parser = argparse.ArgumentParser(prog="transferlab ui", description="MLflow UI on the local store.")
     parser.add_argument("--port", type=int, default=5000)
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--host", default="127.0.0.1", help="127.0.0.1 (default) keeps the UI off the network")
     opts = parser.parse_args(args)
     uri = tracking_uri(OmegaConf.create({"uri": None}))
     artifacts = (Path.cwd() / "mlartifacts").as_uri()
-    print(f"MLflow UI on http://{opts.host}:{opts.port} (store {uri}); Ctrl-C stops it", flush=True)
-    # One worker and no job runner: ~0.5 GB instead of ~3 GB (shared NOTES).
+    base = f"http://{opts.host}:{opts.port}"
+    client = mlflow.MlflowClient(uri)
+    studies = [e for e in client.search_experiments() if e.name != "Default"]
+    print(f"MLflow UI on {base} (store {uri}); Ctrl-C stops it. Runs of each study:", flush=True)
+    for exp in studies:
+        set_default_view(client, exp.experiment_id)  # stores made before the view existed
+        print(f"  {exp.name}: {ui_url(exp.experiment_id, base=base)}", flush=True)
+    # One worker and no job runner: ~0.5 GB instead of ~3 GB (shared NOTES). No access log, and
+    # starlette's deprecation notice about mlflow's own import silenced: the terminal stays readable.
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "server",
-        "--backend-store-uri",
-        uri,
-        "--default-artifact-root",
-        artifacts,
-        "--host",
-        opts.host,
-        "--port",
-        str(opts.port),
-        "--workers",
-        "1",
-    ]
-    return subprocess.call(cmd, env=env)
+    env["PYTHONWARNINGS"] = "ignore:starlette.middleware.wsgi is deprecated"
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--registry-store-uri", uri]
+    cmd += ["--default-artifact-root", artifacts, "--host", opts.host, "--port", str(opts.port), "--workers", "1"]
+    cmd += ["--uvicorn-opts", "--no-access-log --log-level warning"]
+    # Its own session: a terminal Ctrl-C reaches only this process, which stops the server with one
+    # SIGTERM (a SIGINT to uvicorn's whole group cancels its lifespan task and prints a traceback).
+    server = subprocess.Popen(cmd, env=env, start_new_session=True)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # both end it cleanly (SIGINT is ignored under `cmd &`)
+        signal.signal(sig, signal.default_int_handler)
+    try:
+        return server.wait()
+    except KeyboardInterrupt:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+        print("MLflow UI stopped.")
+        return 0

@@ -24,10 +24,10 @@ import torch
 from omegaconf import DictConfig
 
 from transferlab.errors import TransferlabError
+from transferlab.links import ui_url
 
 RECORDS_DIR = "jobs"
 REASON_TAG = "transferlab.failure"
-UI_BASE = "http://127.0.0.1:5000"  # `transferlab ui` serves a local store here
 
 
 def quiet_lightning() -> None:
@@ -66,14 +66,6 @@ class FailOnNonFiniteLoss(pl.Callback):
             raise NonFiniteLoss(
                 f"training loss is {float(loss)} at epoch {epoch}, batch {batch_idx}: lower optim.lr or check the data"
             )
-
-
-def ui_url(experiment_id: str, run_id: str | None = None, uri: str = "") -> str:
-    """MLflow UI link: the experiment's runs table (MLflow 3 otherwise opens a GenAI overview), or one run."""
-    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else UI_BASE
-    if run_id:
-        return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
-    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 @dataclass

@@ -10,6 +10,7 @@ import json
 import platform
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -78,3 +79,19 @@ def environment_tags() -> dict[str, str]:
     except (OSError, subprocess.CalledProcessError):
         tags["transferlab.git_dirty"] = "unknown"
     return tags
+
+
+NAMED = {"data", "data.name", "data.root", "data.samples_per_class", "data.fraction", "finetune", "seed", "study"}
+
+
+def job_run_name(cfg: DictConfig, varied: tuple[str, ...] | list[str] = ()) -> str:
+    """Short and complete: target, train size, strategy, every other swept value, seed
+    (`digits-10/class-fine_tune-freeze_depth=2-s0`), so runs of one sweep never share a name."""
+    data = cfg.data
+    target = Path(str(data.root)).name if data.name == "imagefolder" and data.get("root") else data.name
+    if data.samples_per_class:
+        size = f"{data.samples_per_class}/class"
+    else:
+        size = "all" if float(data.fraction) >= 1 else f"{float(data.fraction):.0%}"
+    extras = [f"{k.rpartition('.')[2]}={OmegaConf.select(cfg, k)}" for k in varied if k not in NAMED]
+    return "-".join([str(target), size, str(cfg.finetune.strategy), *extras, f"s{cfg.seed}"])

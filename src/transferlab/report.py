@@ -41,6 +41,7 @@ METRICS = {
     "data/test_size": "test_size",
 }
 # Run tags (identity.environment_tags) that say which software produced the numbers.
+MAX_NOTE = 8000  # MLflow's tag value limit (mlflow/utils/validation.py)
 VERSION_TAGS = ("python", "torch", "lightning", "timm", "mlflow", "device")
 # Params that differ between runs of one condition by design; never part of a strategy label.
 # These vary between runs without changing what the job computes.
@@ -268,6 +269,25 @@ def _flops(v: float) -> str:
     return f"{v / 10 ** (3 * exp):.3g} {['', 'k', 'M', 'G', 'T', 'P'][exp]}"
 
 
+def results_table(summary: pd.DataFrame) -> list[str]:
+    """Targets x strategies, `mean (CI low-high)` in %, then FLOPs per sample: the table the
+    README quotes and the sweep's parent run shows as its description."""
+    order = summary.groupby("strategy")["train_flops_per_sample"].mean().sort_values(ascending=False, kind="stable")
+    wide = summary.set_index(["target", "strategy"])
+    rows = []
+    for target in dict.fromkeys(summary["target"]):
+        cells = []
+        for name in order.index:
+            if (target, name) not in wide.index:
+                cells.append("")
+                continue
+            r = wide.loc[(target, name)]
+            cells.append(f"{r.acc_mean_pct:.1f} ({_interval(r.acc_ci_low_pct, r.acc_ci_high_pct)})")
+        rows.append([target, *cells])
+    rows.append(["training FLOPs / sample", *(_flops(v) for v in order)])
+    return _md_table(["target", *order.index], rows)
+
+
 def _interval(low: float, high: float) -> str:
     return "n/a" if pd.isna(low) else f"{low:.1f} to {high:.1f}"
 
@@ -307,6 +327,9 @@ def render_markdown(experiment: str, tables: Tables, sweep_run_id: str | None) -
         "the features is the cache build column, summed over the condition's runs (it is paid once)",
         f"- software: {software(runs)}",
         "",
+        "## Results",
+        "",
+        *results_table(summary),
         "## Summary per target",
         "",
     ]
@@ -353,6 +376,14 @@ def render_markdown(experiment: str, tables: Tables, sweep_run_id: str | None) -
     return "\n".join(lines + findings(tables)) + "\n"
 
 
+def run_description(experiment: str, tables: Tables) -> str:
+    """The sweep's parent-run description (the MLflow UI renders `mlflow.note.content` as markdown)."""
+    lines = [f"**{experiment}**: test accuracy %, mean (95% CI) over seeds", "", *results_table(tables.summary)]
+    lines += [target_findings(t, s, tables.pairs) for t, s in tables.summary.groupby("target", sort=False)]
+    lines += ["", "Full report: artifacts `report/report.md` and `report/accuracy_vs_compute.png`."]
+    return "\n".join(lines)[:MAX_NOTE]
+
+
 def write_report(
     experiment: str,
     out_dir: Path,
@@ -385,4 +416,5 @@ def write_report(
     if parent_run_id is not None:
         for p in paths:
             client.log_artifact(parent_run_id, str(p), "report")
+        client.set_tag(parent_run_id, "mlflow.note.content", run_description(experiment, tables))
     return paths[0]

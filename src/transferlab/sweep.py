@@ -21,6 +21,7 @@ from transferlab.execution import SweepLedger, ui_url
 from transferlab.tracking import RunTracker, experiment_id, tracking_uri
 
 PARENT_ENV = "TRANSFERLAB_PARENT_RUN_ID"
+SWEPT_ENV = "TRANSFERLAB_SWEPT_KEYS"  # keys the running sweep varies: job run names show them
 PARENT_FILE = "parent_run_id"
 
 
@@ -81,6 +82,7 @@ class SweepCallback(Callback):
         (sweep_dir / PARENT_FILE).write_text(tracker.run_id)
         SweepCallback.ledger = SweepLedger(sweep_dir)
         SweepCallback.ledger.begin(*sweep_grid(config))
+        os.environ[SWEPT_ENV] = ",".join(sweep_grid(config)[1])
         SweepCallback.failed = 0
         os.environ[PARENT_ENV] = tracker.run_id
         SweepCallback.open_run = (tracking_uri(config.tracking), tracker.run_id)
@@ -88,6 +90,7 @@ class SweepCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         SweepCallback.open_run = None
         run_id = os.environ.pop(PARENT_ENV, None)
+        os.environ.pop(SWEPT_ENV, None)
         if run_id is None:
             return
         from transferlab.report import write_report

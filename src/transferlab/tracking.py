@@ -21,6 +21,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from transferlab.compute import trainable_params
 from transferlab.identity import environment_tags
+from transferlab.links import set_default_view
 from transferlab.logbuffer import BufferedClient
 from transferlab.probes import check_store, check_writable
 
@@ -47,7 +48,9 @@ def experiment_id(cfg: DictConfig) -> tuple[mlflow.MlflowClient, str]:
     if found is not None:
         return client, found.experiment_id
     try:
-        return client, client.create_experiment(cfg.experiment, _artifact_root(cfg, uri))
+        exp_id = client.create_experiment(cfg.experiment, _artifact_root(cfg, uri))
+        set_default_view(client, exp_id)
+        return client, exp_id
     except MlflowException:  # another process created it first
         return client, client.get_experiment_by_name(cfg.experiment).experiment_id
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import sys
 import tempfile
 import time
@@ -31,12 +32,12 @@ from transferlab.data import build_datamodule
 from transferlab.execution import REASON_TAG, FailOnNonFiniteLoss, format_traceback, report_failure
 from transferlab.features import PhaseFeatures
 from transferlab.finetune import BestWeights, Phase, plan_phases, target_trainable
-from transferlab.identity import condition_hash, config_hash, flatten
+from transferlab.identity import condition_hash, config_hash, flatten, job_run_name
 from transferlab.model import TransferModule
 from transferlab.probes import check_devices, check_store
 from transferlab.routes import build_module, route_for
 from transferlab.stages import format_table, stage_table
-from transferlab.sweep import parent_run_id
+from transferlab.sweep import SWEPT_ENV, parent_run_id
 from transferlab.tracking import EpochLogger, RunTracker, finished_run, tracking_uri
 from transferlab.weights import create_backbone, input_spec
 
@@ -86,8 +87,15 @@ def run(
 
 
 def _run_name(cfg: DictConfig) -> str:
-    size = f"n{cfg.data.samples_per_class}" if cfg.data.samples_per_class else f"f{cfg.data.fraction}"
-    return f"{cfg.data.name}-{size}-{cfg.finetune.strategy}-s{cfg.seed}"
+    """identity.job_run_name with the keys this sweep varies (an experiment's grid, command-line sweeps)."""
+    varied = [k for k in os.environ.get(SWEPT_ENV, "").split(",") if k]
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        varied += [k for k in HydraConfig.get().sweeper.get("params") or {} if k not in varied]
+    except ValueError:  # not launched by Hydra
+        pass
+    return job_run_name(cfg, varied)
 
 
 def _fit_and_test(
@@ -165,7 +173,9 @@ def _fit_and_test(
     tracker.set_tags(features.tags())
     metrics = {k: float(v) for k, v in tested.items()}
     metrics |= {
+        "test/acc_pct": 100 * metrics.get("test/acc", math.nan),  # what the runs table shows
         "compute/train_flops": train_flops,  # every phase
+        "compute/train_gflops": train_flops / 1e9,  # readable in the runs table (1.2e+11 is cut off)
         "compute/train_flops_per_sample": train_flops / max(1, timer.samples * trainer.world_size),
         "compute/eval_flops": eval_flops,
         "compute/inference_flops_per_sample": forward_flops(costs),  # the student's alone

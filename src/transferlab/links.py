@@ -1,0 +1,39 @@
+"""Links into the MLflow UI that open where a user should land: a study's runs table with the
+key columns, not MLflow 3's GenAI overview. No heavy imports: `transferlab ui` prints these."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+UI_BASE = "http://127.0.0.1:5000"  # `transferlab ui` serves a local store here
+# The runs table a study opens on (MLflow's shared-view experiment tag, read by its 3.x frontend):
+# the columns that answer "which strategy, how accurate, at what cost" instead of Source/Models/Dataset.
+VIEW_KEY = "transferlab"
+KEY_COLUMNS = (
+    "params.`finetune.strategy`",
+    "params.`finetune.freeze_depth`",
+    "metrics.`data/train_size`",
+    "metrics.`test/acc_pct`",
+    "metrics.`compute/train_gflops`",
+    "metrics.`compute/fit_seconds`",
+)
+
+
+def set_default_view(client: Any, exp_id: str) -> None:
+    """Make the experiment open on its runs table (not GenAI) with the key columns, via `ui_url`."""
+    view = {
+        "selectedColumns": list(KEY_COLUMNS),
+        "runsHiddenMode": "SHOW_ALL",
+    }
+    client.set_experiment_tag(exp_id, f"mlflow.sharedViewState.{VIEW_KEY}", json.dumps(view))
+    client.set_experiment_tag(exp_id, "mlflow.experimentKind", "custom_model_development")
+
+
+def ui_url(experiment_id: str, run_id: str | None = None, uri: str = "", base: str = UI_BASE) -> str:
+    """MLflow UI link: the experiment's runs table (MLflow 3 otherwise opens a GenAI overview) with
+    the key columns (VIEW_KEY), or one run."""
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else base
+    if run_id:
+        return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning&viewStateShareKey={VIEW_KEY}"
