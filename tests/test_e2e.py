@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -74,6 +76,15 @@ def test_multirun_logs_one_child_run_per_job(store: str, tmp_path: Path) -> None
     assert "| digits / 50 train |" in parent.data.tags["mlflow.note.content"]  # results table as description
     exp = client.get_experiment_by_name("e2e")
     assert "mlflow.sharedViewState.transferlab" in exp.tags  # the runs view the printed links open
+    # Rerunning the sweep (resume is the default) trains nothing new: both jobs are skipped.
+    again = _cli("train", "-m", *FAST, "study=e2e", "finetune.freeze_depth=0,all", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "sweep e2e: 0 finished, 0 failed, 2 skipped of 2" in again.stdout
+    rerun = _runs(store, "e2e")
+    assert sorted(r.info.run_id for r in rerun if r.data.tags["transferlab.role"] == "job") == sorted(
+        r.info.run_id for r in jobs
+    )
+    assert not list((tmp_path / ".transferlab" / "jobs").glob("*/*.ckpt"))  # finished jobs leave no checkpoints
 
 
 def test_a_failing_job_is_isolated_and_the_sweep_reports_it(store: str, tmp_path: Path) -> None:
@@ -107,6 +118,37 @@ def test_a_failing_job_is_isolated_and_the_sweep_reports_it(store: str, tmp_path
     assert summary.startswith("sweep broken: 2 finished, 1 failed, 0 skipped of 3")
     assert "failed: data.samples_per_class=500 (DataError" in summary
     assert "workflowType=machine_learning" in result.stdout
+
+
+def test_a_killed_job_resumes_into_its_run_with_identical_metrics(store: str, tmp_path: Path) -> None:
+    """SIGKILL in the second phase, relaunch: the same MLflow run continues from the last epoch
+    checkpoint and ends with exactly the metrics of an uninterrupted run."""
+    job = [*FAST, "data.samples_per_class=20", "finetune=head_then_all", "finetune.head_epochs=1"]
+    job += ["trainer.max_epochs=6"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "transferlab", "train", *job]
+    killed = subprocess.Popen([*cmd, "study=killed"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not list(tmp_path.glob(".transferlab/jobs/*/phase1-last.ckpt")) and time.time() < deadline:
+        assert killed.poll() is None, "the job ended before it could be killed"
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    (interrupted,) = _runs(store, "killed")
+    assert interrupted.info.status == "RUNNING"  # SIGKILL leaves no chance to end the run
+    resumed = _cli("train", *job, "study=killed", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming MLflow run {interrupted.info.run_id}" in resumed.stdout
+    straight = _cli("train", *job, "study=straight", cwd=tmp_path)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    (after,) = _runs(store, "killed")
+    (baseline,) = _runs(store, "straight")
+    assert after.info.run_id == interrupted.info.run_id
+    assert after.info.status == "FINISHED"
+    for key in ("test/acc", "test/loss", "test/f1", "compute/epochs", "compute/train_samples"):
+        assert after.data.metrics[key] == baseline.data.metrics[key], key
+    history = mlflow.MlflowClient(store).get_metric_history(after.info.run_id, "train/loss")
+    assert sorted({m.step for m in history}) == list(range(6))  # every epoch logged, across both processes
 
 
 def test_bad_overrides_fail_before_training_with_one_line(tmp_path: Path) -> None:

@@ -135,3 +135,14 @@ class BestWeights(pl.Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._state is not None:
             pl_module.load_state_dict(self._state)
+
+    def state_dict(self) -> dict:
+        """Kept in epoch checkpoints: a phase resumed after a kill still ends on its best weights."""
+        return {"best_loss": self.best_loss, "best_epoch": self.best_epoch, "weights": self._state}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.best_loss, self.best_epoch, self._state = (
+            state_dict["best_loss"],
+            state_dict["best_epoch"],
+            state_dict["weights"],
+        )

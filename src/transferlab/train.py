@@ -35,6 +35,7 @@ from transferlab.finetune import BestWeights, Phase, plan_phases, target_trainab
 from transferlab.identity import condition_hash, config_hash, flatten, job_run_name
 from transferlab.model import TransferModule
 from transferlab.probes import check_devices, check_store
+from transferlab.resume import EpochCheckpoint, JobCheckpoint, job_checkpoint, resumable_run
 from transferlab.routes import build_module, route_for
 from transferlab.stages import format_table, stage_table
 from transferlab.sweep import SWEPT_ENV, parent_run_id
@@ -61,6 +62,7 @@ def run(
 
     checkpoint, source_tags = resolve_checkpoint(cfg)
     tracker = RunTracker(cfg.tracking)
+    job = job_checkpoint(cfg, config_hash(cfg), role)
     tags = {
         "transferlab.role": role,
         "transferlab.config_hash": config_hash(cfg),
@@ -69,12 +71,22 @@ def run(
         **source_tags,
         **(extra_tags or {}),
     }
-    tracker.start(run_name or _run_name(cfg), tags, parent_run_id() if role == "job" else None)
+    if resumed := resumable_run(job, cfg.tracking, tags["transferlab.config_hash"]):
+        tracker.attach(resumed)
+        if role == "job" and (parent := parent_run_id()):
+            tracker.set_tags({"mlflow.parentRunId": parent})  # it finishes under this sweep
+        print(f"resuming MLflow run {resumed} from {job.dir}", flush=True)
+    else:
+        if tracker.enabled and job.enabled:
+            job.discard()  # a stale state whose run is gone or finished
+        tracker.start(run_name or _run_name(cfg), tags, parent_run_id() if role == "job" else None)
+        job.bind(tracker.run_id)
     try:
-        # The config goes in first, so a run that fails later still says what it was.
-        tracker.log_params(flatten(cfg) | _hydra_overrides())
-        tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-        metrics = _fit_and_test(cfg, tracker, checkpoint, backbone_out)
+        if not resumed:
+            # The config goes in first, so a run that fails later still says what it was.
+            tracker.log_params(flatten(cfg) | _hydra_overrides())
+            tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+        metrics = _fit_and_test(cfg, tracker, checkpoint, backbone_out, job)
     except BaseException as err:
         status, reason = report_failure(err)
         with contextlib.suppress(Exception):  # the store or disk that failed the job may refuse these too
@@ -83,6 +95,8 @@ def run(
         tracker.end(status)
         raise
     tracker.end()
+    if tracker.enabled and job.enabled:
+        job.discard()  # finished: its checkpoints are no longer needed
     return metrics
 
 
@@ -99,7 +113,7 @@ def _run_name(cfg: DictConfig) -> str:
 
 
 def _fit_and_test(
-    cfg: DictConfig, tracker: RunTracker, checkpoint: Path | None, backbone_out: Path | None
+    cfg: DictConfig, tracker: RunTracker, checkpoint: Path | None, backbone_out: Path | None, job: JobCheckpoint
 ) -> dict[str, float]:
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     reset_peak_memory()  # this job's peak, not the process's (sweeps run many jobs per process)
@@ -135,17 +149,30 @@ def _fit_and_test(
     trainer, epoch, carried, train_flops, eval_flops, unfrozen = None, 0, 0, 0.0, 0.0, set()
     module.total_epochs, module.epoch_scale = epochs, val_every
     best_epochs: dict[str, float] = {}
-    for phase in phases:
+    done = job.phases_done() or {"phases": 0}
+    if done["phases"]:  # a killed run finished these phases: their weights and counters
+        for phase in phases[: done["phases"]]:
+            module.set_trainable(phase.trainable)
+        job.load_phase_weights(module)
+        epoch, carried, per_sample = done["epoch"], done["carried"], done["per_sample"]
+        train_flops, eval_flops, unfrozen = done["train_flops"], done["eval_flops"], set(done["unfrozen"])
+        timer.seconds, timer.samples, timer.eval_samples = done["seconds"], done["samples"], done["eval_samples"]
+        best_epochs = done["best_epochs"]
+    for k, phase in enumerate(phases):
+        if k < done["phases"]:
+            continue
         module.set_trainable(phase.trainable)
         module.epoch_offset = data.epoch_offset = epoch
         tracker.log_metrics({f"unfrozen_at/{stages.names[s]}": epoch for s in phase.trainable - unfrozen}, step=epoch)
         unfrozen |= phase.trainable
         best = BestWeights(str(cfg.finetune.select))
         callbacks = [EpochLogger(tracker), timer, best]
-        trainer = _trainer(cfg.trainer, phase, phase.epochs + carried, val_every, callbacks)
-        seen, evaluated = timer.samples, timer.eval_samples
+        if job.enabled:
+            callbacks.append(EpochCheckpoint(job.epoch_checkpoint(k), timer))
+        trainer = _trainer(cfg.trainer, phase, phase.epochs + carried, val_every, callbacks, job.dir)
+        seen, evaluated = timer.samples, timer.eval_samples  # at the phase's start (restored on a resume)
         fit_data = features.datamodule(phase.name, phase.trainable, trainer)
-        trainer.fit(module, datamodule=fit_data)
+        trainer.fit(module, datamodule=fit_data, ckpt_path=job.resume_path(k))
         ran = trainer.current_epoch
         if best.best_epoch is not None:  # the phase ended on these weights (select=best)
             best_epochs[f"best_epoch/{phase.name}"] = epoch + best.best_epoch
@@ -166,6 +193,25 @@ def _fit_and_test(
         )
         if trainer.world_size > 1:
             tracker.log_metrics({"ddp/param_divergence": _rank_divergence(module)}, step=epoch)
+        job.save_phase(
+            module,
+            {
+                "phases": k + 1,
+                "epoch": epoch,
+                "carried": carried,
+                "train_flops": train_flops,
+                "eval_flops": eval_flops,
+                "per_sample": per_sample,
+                "unfrozen": sorted(unfrozen),
+                "seconds": timer.seconds,
+                "samples": timer.samples,
+                "eval_samples": timer.eval_samples,
+                "best_epochs": best_epochs,
+            },
+        )
+    if trainer is None:  # killed after the last phase, before the test
+        trainer = _trainer(cfg.trainer, phases[-1], 1, val_every, [], job.dir)
+        fit_data = features.datamodule(phases[-1].name, phases[-1].trainable, trainer)
 
     evaluated = timer.eval_samples
     tested = trainer.test(module, datamodule=fit_data, verbose=False)[0]
@@ -221,10 +267,14 @@ def _epochs(cfg: DictConfig, steps_per_epoch: int) -> int:
     return max(int(cfg.max_epochs), math.ceil(int(cfg.min_steps or 0) / max(1, steps_per_epoch)))
 
 
-def _trainer(cfg: DictConfig, phase: Phase, epochs: int, val_every: int, callbacks: list) -> pl.Trainer:
-    callbacks = [*callbacks, FailOnNonFiniteLoss()]
+def _trainer(cfg: DictConfig, phase: Phase, epochs: int, val_every: int, callbacks: list, root: Path) -> pl.Trainer:
+    """One phase's Trainer. `root` is the job's own directory: Lightning on SLURM resumes any
+    `hpc_ckpt_*` it finds in `default_root_dir`, which must never be a shared working directory."""
+    saver = [c for c in callbacks if isinstance(c, EpochCheckpoint)]  # last: after logging and early stopping
+    callbacks = [c for c in callbacks if not isinstance(c, EpochCheckpoint)] + [FailOnNonFiniteLoss()]
     if phase.patience:
         callbacks = [*callbacks, EarlyStopping("val/loss", patience=int(phase.patience))]
+    callbacks += saver
     return pl.Trainer(
         max_epochs=epochs,
         accelerator=cfg.accelerator,
@@ -237,6 +287,7 @@ def _trainer(cfg: DictConfig, phase: Phase, epochs: int, val_every: int, callbac
         limit_train_batches=cfg.limit_train_batches,
         callbacks=callbacks,
         logger=False,
+        default_root_dir=root,
         enable_checkpointing=False,
         enable_progress_bar=sys.stderr.isatty(),  # a per-job bar in a terminal, none in logs
         enable_model_summary=False,
