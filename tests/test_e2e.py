@@ -151,6 +151,41 @@ def test_a_killed_job_resumes_into_its_run_with_identical_metrics(store: str, tm
     assert sorted({m.step for m in history}) == list(range(6))  # every epoch logged, across both processes
 
 
+def test_joblib_sweep_with_two_workers_logs_every_metric(store: str, tmp_path: Path) -> None:
+    """Two jobs at once in two worker processes (Hydra's joblib launcher) into one store."""
+    parallel = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
+    result = _cli("train", "-m", *FAST, "study=joblib", "seed=0,1", *parallel, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = _runs(store, "joblib")
+    jobs = [r for r in runs if r.data.tags.get("transferlab.role") == "job"]
+    assert sorted(r.data.params["seed"] for r in jobs) == ["0", "1"]
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    client = mlflow.MlflowClient(store)
+    expected = {"test/acc", "test/loss", "train/loss", "val/acc", "compute/train_flops", "data/train_size", "lr/head"}
+    for r in jobs:
+        assert expected <= set(r.data.metrics), expected - set(r.data.metrics)
+        assert len(client.get_metric_history(r.info.run_id, "train/loss")) == 1
+        assert r.data.tags["mlflow.parentRunId"] == next(
+            p.info.run_id for p in runs if p.data.tags["transferlab.role"] == "sweep"
+        )
+    assert "sweep joblib: 2 finished, 0 failed, 0 skipped of 2" in result.stdout
+
+
+def test_submitit_local_launcher_end_to_end(store: str, tmp_path: Path) -> None:
+    """Each job in its own process started by submitit (what `submitit_slurm` does on a cluster)."""
+    launcher = ["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10"]
+    result = _cli("train", "-m", *FAST, "study=submitit", "seed=0,1", *launcher, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = _runs(store, "submitit")
+    (parent,) = [r for r in runs if r.data.tags["transferlab.role"] == "sweep"]
+    jobs = [r for r in runs if r.data.tags["transferlab.role"] == "job"]
+    assert sorted(r.data.params["seed"] for r in jobs) == ["0", "1"]
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    assert {r.data.tags["mlflow.parentRunId"] for r in jobs} == {parent.info.run_id}
+    assert parent.data.metrics["sweep/finished"] == 2
+    assert "sweep submitit: 2 finished, 0 failed, 0 skipped of 2" in result.stdout
+
+
 def test_bad_overrides_fail_before_training_with_one_line(tmp_path: Path) -> None:
     for args in (
         ["backbone=nope"],

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
+from pytorch_lightning.utilities import rank_zero_only
 
 from transferlab.errors import TransferlabError
 from transferlab.links import ui_url
@@ -161,6 +162,7 @@ def _hydra_job() -> tuple[bool, int, list[str], Path | None]:
 def run_job(cfg: DictConfig) -> float:
     """Hydra's task body. In a multirun a failing job is recorded and the sweep goes on; a single
     run raises as before. Either way one line says how the job ended."""
+    from transferlab.parallel import job_resources
     from transferlab.tracking import experiment_id, finished_run, tracking_uri
     from transferlab.train import run
 
@@ -175,13 +177,16 @@ def run_job(cfg: DictConfig) -> float:
             record.status, record.run_id = "SKIPPED", done.info.run_id
             record.test_acc = float(done.data.metrics.get("test/acc", math.nan))
         else:
-            metrics = run(cfg)
+            with job_resources(cfg, sweep_dir):
+                metrics = run(cfg)
             record.test_acc = float(metrics.get("test/acc", math.nan))
     except Exception as err:
         if not multirun:
             raise
         record.status, record.reason = "FAILED", failure_reason(err)
     record.seconds = time.perf_counter() - start
+    if rank_zero_only.rank != 0:  # DDP ranks of one job: rank 0 speaks for it
+        return record.test_acc
     client, exp_id = experiment_id(cfg.tracking)
     if not record.run_id:
         record.run_id = _latest_run_id(client, exp_id, _config_hash(cfg))

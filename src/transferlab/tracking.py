@@ -6,7 +6,9 @@ trips on sqlite URIs, Lightning #19441, and logs from every rank). Only global r
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sqlite3
 import time
 from pathlib import Path
 from urllib.parse import urlparse
@@ -45,14 +47,31 @@ def experiment_id(cfg: DictConfig) -> tuple[mlflow.MlflowClient, str]:
     uri = tracking_uri(cfg)
     client = mlflow.MlflowClient(uri)
     found = client.get_experiment_by_name(cfg.experiment)
-    if found is not None:
-        return client, found.experiment_id
-    try:
-        exp_id = client.create_experiment(cfg.experiment, _artifact_root(cfg, uri))
-        set_default_view(client, exp_id)
-        return client, exp_id
-    except MlflowException:  # another process created it first
-        return client, client.get_experiment_by_name(cfg.experiment).experiment_id
+    if found is None:
+        try:
+            exp_id = client.create_experiment(cfg.experiment, _artifact_root(cfg, uri))
+            set_default_view(client, exp_id)
+            found = client.get_experiment(exp_id)
+        except MlflowException:  # another process created it first
+            found = client.get_experiment_by_name(cfg.experiment)
+    sqlite_wal(uri)
+    return client, found.experiment_id
+
+
+def sqlite_wal(uri: str) -> None:
+    """Put a local SQLite store in WAL mode (persistent, once per file): readers no longer block
+    writers, so parallel jobs wait less (benchmarks/bench_parallel_store.py). MLflow itself
+    sets only a busy timeout. Not for stores on network file systems: use `mlflow server` there."""
+    if not uri.startswith("sqlite:///") or uri in _WAL_DONE:
+        return
+    path = Path(uri.removeprefix("sqlite:///"))
+    with contextlib.suppress(sqlite3.Error), contextlib.closing(sqlite3.connect(path, timeout=20)) as db:
+        if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            db.execute("PRAGMA journal_mode=WAL")
+    _WAL_DONE.add(uri)
+
+
+_WAL_DONE: set[str] = set()
 
 
 def finished_run(cfg: DictConfig, config_hash: str) -> mlflow.entities.Run | None:
@@ -96,8 +115,8 @@ class RunTracker:
         if not self.enabled:
             return
         self.client, _ = experiment_id(self.cfg)
-        self._open(run_id)
         self.client.update_run(run_id, status="RUNNING")
+        self._open(run_id)
 
     def log_params(self, params: dict[str, str]) -> None:
         if self.run_id:

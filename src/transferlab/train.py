@@ -15,6 +15,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping
+from pytorch_lightning.plugins.environments import SLURMEnvironment
 from safetensors.torch import save_file
 
 from transferlab import speed, wise
@@ -34,6 +35,7 @@ from transferlab.features import PhaseFeatures
 from transferlab.finetune import BestWeights, Phase, plan_phases, target_trainable
 from transferlab.identity import condition_hash, config_hash, flatten, job_run_name
 from transferlab.model import TransferModule
+from transferlab.parallel import assigned_devices
 from transferlab.probes import check_devices, check_store
 from transferlab.resume import EpochCheckpoint, JobCheckpoint, job_checkpoint, resumable_run
 from transferlab.routes import build_module, route_for
@@ -278,7 +280,7 @@ def _trainer(cfg: DictConfig, phase: Phase, epochs: int, val_every: int, callbac
     return pl.Trainer(
         max_epochs=epochs,
         accelerator=cfg.accelerator,
-        devices=cfg.devices,
+        devices=assigned_devices(cfg.devices),  # a parallel job's own GPU slot
         num_nodes=cfg.num_nodes,
         strategy=cfg.strategy,
         precision=speed.precision(cfg),
@@ -293,6 +295,8 @@ def _trainer(cfg: DictConfig, phase: Phase, epochs: int, val_every: int, callbac
         enable_model_summary=False,
         num_sanity_val_steps=0,
         use_distributed_sampler=False,  # the datamodule shards whole-batch loaders itself
+        # On SLURM the launcher (submitit) requeues; Lightning's requeue would double it (#10601).
+        plugins=[SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else None,
         check_val_every_n_epoch=val_every,
     )
 
