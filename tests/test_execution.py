@@ -13,6 +13,7 @@ from transferlab.execution import (
     NonFiniteLoss,
     SweepLedger,
     failure_reason,
+    print_interrupted,
     resume_command,
     ui_url,
 )
@@ -68,3 +69,16 @@ def test_ledger_counts_lines_and_summary(tmp_path) -> None:
     summary = ledger.summary_line("s")
     assert summary.startswith("sweep s: 1 finished, 1 failed, 1 skipped of 4 in ")
     assert summary.endswith("failed: seed=1 (ValueError: x)")
+
+
+def test_ctrl_c_says_what_finished_and_how_to_resume(tmp_path, capsys) -> None:
+    ledger = SweepLedger(tmp_path)
+    ledger.begin(4, ["seed"])
+    ledger.add(JobRecord(0, "FINISHED", "seed=0", 2.0, "r0", 0.5))
+    ledger.add(JobRecord(1, "SKIPPED", "seed=1", 0.1, "r1", 0.5))
+    print_interrupted(ledger, ["-m", "experiment=default", "seed=0,1,2,3"])
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "interrupted: 1 of 4 jobs finished (0 failed, 1 skipped); "
+        "resume with: transferlab train -m experiment=default seed=0,1,2,3"
+    )
