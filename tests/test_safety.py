@@ -70,7 +70,19 @@ def test_logged_config_cannot_name_code() -> None:
 def test_ui_binds_localhost_unless_asked(monkeypatch, tmp_path) -> None:
     monkeypatch.chdir(tmp_path)
     commands: list[list[str]] = []
-    monkeypatch.setattr("subprocess.call", lambda cmd, **kwargs: commands.append(cmd) or 0)
+
+    class FakeServer:
+        pid = 0
+
+        def __init__(self, cmd, **kwargs) -> None:
+            commands.append(cmd)
+
+        def wait(self, timeout=None) -> int:
+            return 0
+
+    monkeypatch.setattr("subprocess.Popen", FakeServer)
+    monkeypatch.setattr("subprocess.call", lambda cmd, **kwargs: FakeServer(cmd).wait())
+    monkeypatch.setattr("signal.signal", lambda *args: None)
     assert main(["ui"]) == 0
     assert main(["ui", "--host", "0.0.0.0"]) == 0
     hosts = [cmd[cmd.index("--host") + 1] for cmd in commands]
