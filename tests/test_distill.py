@@ -170,3 +170,36 @@ def test_distill_job_trains_its_teacher_once_and_counts_its_forward(store: str) 
     assert kd["compute/train_flops_per_sample"] == pytest.approx(student_train + teacher_flops)
     assert kd["compute/teacher_flops"] == pytest.approx(teacher_flops * kd["compute/train_samples"])
     assert again["compute/teacher_flops_per_sample"] == teacher_flops
+    # The teacher's own training is reported beside (not inside) the student's cost.
+    assert kd["compute/teacher_fit_flops"] == teacher_run.data.metrics["compute/train_flops"] > 0
+    assert plain["compute/teacher_fit_flops"] == 0
+
+
+def test_report_marks_distillation_with_the_teachers_own_training() -> None:
+    import pandas as pd
+
+    from transferlab.plot import TEACHER_LABEL, accuracy_figure
+    from transferlab.report import summarize
+
+    def row(strategy: str, seed: int, acc: float, flops: float, teacher: float) -> dict:
+        params = {"data.name": "similar", "finetune.strategy": strategy}
+        metrics = {"test_acc": acc, "train_size": 30, "train_flops": flops, "teacher_fit_flops": teacher}
+        metrics |= {"train_flops_per_sample": 1e9, "fit_seconds": 1.0, "trainable_params": 10}
+        return (
+            {"run_id": f"{strategy}{seed}", "condition_hash": strategy, "seed": seed}
+            | metrics
+            | {f"params.{k}": v for k, v in params.items()}
+        )
+
+    runs = [row("distill", s, 0.8 + s / 100, 2e9, 5e9) for s in range(3)]
+    runs += [row("scratch", s, 0.7 + s / 100, 1e9, 0.0) for s in range(3)]
+    tables = summarize(pd.DataFrame(runs))
+    by_strategy = tables.summary.set_index("strategy")
+    assert by_strategy.loc["distill", "teacher_fit_flops"] == 5e9
+    fig = accuracy_figure(tables)
+    assert TEACHER_LABEL in [t.get_text() for t in fig.legends[0].get_texts()]
+    (ax,) = [a for a in fig.axes if a.get_title()]
+    dotted = [line for line in ax.get_lines() if line.get_linestyle() == ":"]
+    assert len(dotted) == 1
+    start, end = dotted[0].get_xdata()
+    assert end - start == pytest.approx(5e9)  # from the distilled point, + the teacher's training

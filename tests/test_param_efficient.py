@@ -149,3 +149,31 @@ def test_training_flops_charge_input_grads_through_frozen_weights_not_weight_gra
     # base1 256 (x1) | A1 8->2: 32 (x2) | B1 2->16: 64 (x3) | base2 128 (x2) | A2 16->2: 64 (x3) | B2 2->4: 16 (x3)
     expected = 256 + 64 + 192 + 256 + 192 + 48
     assert training_flops_per_sample(lora, layer_costs(lora, torch.zeros(1, 8))) == expected
+
+
+@pytest.mark.slow
+def test_bitfit_and_lora_jobs_log_what_trains_and_cost_less_than_fine_tuning(store: str) -> None:
+    import mlflow
+    from safetensors.torch import load_file
+
+    from conftest import FAST
+    from transferlab.config import compose_config
+    from transferlab.train import run
+
+    full = run(compose_config([*FAST, "study=peft"]))
+    bitfit = run(compose_config([*FAST, "study=peft", "finetune.strategy=bitfit"]))
+    lora = run(compose_config([*FAST, "study=peft", "finetune=lora", "finetune.lora.rank=2"]))
+    head = 96 * 10 + 10  # test_resnet's 96 pooled features (layer4) -> 10 digit classes
+    assert lora["compute/trainable_params"] == 12086 + head  # the hand count above, plus the head
+    vectors = sum(p.numel() for p in timm.create_model("test_resnet", num_classes=0).parameters() if p.ndim == 1)
+    assert bitfit["compute/trainable_params"] == vectors + head
+    for cheap in (bitfit, lora):
+        assert cheap["compute/train_flops_per_sample"] < full["compute/train_flops_per_sample"]
+        assert cheap["compute/train_flops_per_sample"] > full["compute/inference_flops_per_sample"]  # not free
+    client = mlflow.MlflowClient(store)
+    (logged,) = client.search_runs(
+        [client.get_experiment_by_name("peft").experiment_id], "params.`finetune.strategy` = 'lora'"
+    )
+    state = load_file(client.download_artifacts(logged.info.run_id, "model/model.safetensors"))
+    plain = timm.create_model("test_resnet", num_classes=0)
+    plain.load_state_dict({k[9:]: v for k, v in state.items() if k.startswith("backbone.")})  # merged: plain timm

@@ -100,9 +100,11 @@ def load_teacher(cfg: DictConfig, student: InputSpec, num_classes: int) -> tuple
     tcfg = cfg.finetune.teacher
     weights = str(tcfg.weights)
     tags = {"transferlab.teacher.weights": weights}
+    fit_flops = 0.0  # the teacher's own training, where its run says
     if weights == "trained":
-        path, backbone_cfg, run_id = train_teacher(cfg)
-        tags["transferlab.teacher.run_id"] = run_id
+        path, backbone_cfg, meta = train_teacher(cfg)
+        tags["transferlab.teacher.run_id"] = meta["run_id"]
+        fit_flops = float(meta.get("train_flops", 0.0))
     else:
         backbone_cfg = OmegaConf.merge(cfg.backbone, {"name": tcfg.name, "kwargs": tcfg.kwargs or {}})
         path = None
@@ -110,6 +112,7 @@ def load_teacher(cfg: DictConfig, student: InputSpec, num_classes: int) -> tuple
             from transferlab.pretrain import fetch_artifact
 
             path = fetch_artifact(weights, cfg, "finetune.teacher.weights")
+            fit_flops = _run_train_flops(cfg, weights)
         elif weights != "pretrained":
             path = Path(weights).expanduser()
             if not path.is_file():
@@ -124,7 +127,23 @@ def load_teacher(cfg: DictConfig, student: InputSpec, num_classes: int) -> tuple
             "use a teacher trained on this target (finetune.teacher.weights=trained)"
         )
     tags["transferlab.teacher.name"] = str(backbone_cfg.name)
+    teacher.fit_flops = fit_flops
     return teacher, tags
+
+
+def _run_train_flops(cfg: DictConfig, uri: str) -> float:
+    """`compute/train_flops` of the run a `runs:/` teacher came from (0 when not logged)."""
+    if not uri.startswith("runs:/"):
+        return 0.0
+    import mlflow
+
+    from transferlab.tracking import tracking_uri
+
+    try:
+        run = mlflow.MlflowClient(tracking_uri(cfg.tracking)).get_run(uri.split("/")[1])
+    except Exception:  # another store, a deleted run: the cost is unknown, not an error
+        return 0.0
+    return float(run.data.metrics.get("compute/train_flops", 0.0))
 
 
 def _build_classifier(backbone_cfg: DictConfig, path: Path | None) -> tuple[nn.Module, nn.Module]:
@@ -170,7 +189,7 @@ def teacher_config(cfg: DictConfig) -> DictConfig:
     return tcfg
 
 
-def train_teacher(cfg: DictConfig) -> tuple[Path, DictConfig, str]:
+def train_teacher(cfg: DictConfig) -> tuple[Path, DictConfig, dict]:
     """Fine-tune the teacher once per teacher config (its own MLflow run, role `teacher`) and
     cache its whole model; parallel jobs wait for one build."""
     from transferlab.identity import config_hash
@@ -181,14 +200,14 @@ def train_teacher(cfg: DictConfig) -> tuple[Path, DictConfig, str]:
 
     def build(folder: Path) -> dict[str, str]:
         print(f"training the distillation teacher ({tcfg.backbone.name}, {tcfg.finetune.strategy})", flush=True)
-        run(tcfg, role="teacher", backbone_out=folder / "backbone.safetensors")
+        metrics = run(tcfg, role="teacher", backbone_out=folder / "backbone.safetensors")
         run_id = json.loads((folder / "run.json").read_text())["run_id"]
         fetched = fetch_artifact(f"runs:/{run_id}/model/model.safetensors", cfg, "finetune.teacher.weights")
         (folder / "model.safetensors").write_bytes(fetched.read_bytes())
-        return {"run_id": run_id}
+        return {"run_id": run_id, "train_flops": metrics["compute/train_flops"]}
 
     folder = ensure(cfg.cache_dir, "teachers", config_hash(tcfg), build)
-    return folder / "model.safetensors", tcfg.backbone, read_manifest(folder)["meta"]["run_id"]
+    return folder / "model.safetensors", tcfg.backbone, read_manifest(folder)["meta"]
 
 
 class DistillModule(TransferModule):
@@ -250,4 +269,5 @@ def build(
     # Compute honesty: every training sample also costs one teacher forward.
     example = torch.zeros(1, spec.in_chans, spec.size, spec.size)
     module.teacher_flops_per_sample = forward_flops(layer_costs(teacher.model, example))
+    module.teacher_fit_flops = teacher.fit_flops
     return module, tags

@@ -57,6 +57,7 @@ class TransferModule(pl.LightningModule):
     """
 
     teacher_flops_per_sample = 0.0  # training FLOPs outside forward(): a distillation teacher
+    teacher_fit_flops = 0.0  # the teacher's own training, where known (not part of this run's cost)
     only_params: frozenset[str] | None = None  # a route's subset of backbone params (BitFit, LoRA)
 
     def __init__(

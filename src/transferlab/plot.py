@@ -42,6 +42,19 @@ def spread_equal_x(x: Sequence[float], rel: float = 0.01) -> list[float]:
     return offsets
 
 
+TEACHER_LABEL = "distilled: + the teacher's own training"
+
+
+def _teacher_cost(ax: Any, x: float, row: Any, colour: str, marker: str) -> None:
+    """Distillation: x already includes the teacher's forwards; a hollow twin further right adds
+    the teacher's own training, joined by a dotted line (the teacher may be shared by many runs)."""
+    extra = getattr(row, "teacher_fit_flops", 0.0)
+    if pd.isna(extra) or extra <= 0:
+        return
+    ax.plot([x, x + extra], [row.acc_mean_pct] * 2, ls=":", c=colour, lw=1)
+    ax.scatter([x + extra], [row.acc_mean_pct], marker=marker, facecolors="none", edgecolors=colour, s=49)
+
+
 def plot_accuracy_vs_compute(tables: Any, path: Path) -> None:
     accuracy_figure(tables).savefig(path, dpi=110)
 
@@ -73,6 +86,7 @@ def accuracy_figure(tables: Any) -> Any:
             low, high = row.acc_ci_low_pct, row.acc_ci_high_pct
             err = [[0], [0]] if pd.isna(low) else [[row.acc_mean_pct - low], [high - row.acc_mean_pct]]
             ax.errorbar(x, row.acc_mean_pct, err, fmt=marker, c=colour, ms=7, capsize=4)
+            _teacher_cost(ax, x, row, colour, marker)
         ok = s[s["train_flops"] > 0].reset_index(drop=True)
         front = ok.iloc[pareto_front(ok["train_flops"].tolist(), ok["acc_mean_pct"].tolist())]
         if len(front):
@@ -89,6 +103,8 @@ def accuracy_figure(tables: Any) -> Any:
         Line2D([], [], color="grey", marker="|", ls="", ms=10, label="mean, 95% CI over seeds"),
         Line2D([], [], color="k", marker="o", mfc="none", ls="--", ms=12, lw=1, label=PARETO_LABEL),
     ]
+    if (tables.summary.get("teacher_fit_flops", pd.Series(dtype=float)).fillna(0) > 0).any():
+        handles.append(Line2D([], [], color="grey", marker="o", mfc="none", ls=":", ms=7, label=TEACHER_LABEL))
     fig.legend(handles=handles, loc="outside right upper", fontsize="small", frameon=False)
     fig.suptitle("Test accuracy vs training compute (equal-FLOPs strategies drawn side by side)", fontsize="medium")
     return fig

@@ -38,6 +38,7 @@ METRICS = {
     "compute/cache_build_flops": "cache_build_flops",
     "compute/fit_seconds": "fit_seconds",
     "compute/trainable_params": "trainable_params",
+    "compute/teacher_fit_flops": "teacher_fit_flops",  # distillation: the teacher's own training
     "data/test_size": "test_size",
 }
 # Run tags (identity.environment_tags) that say which software produced the numbers.
@@ -153,6 +154,7 @@ def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
                 "cache_build_flops": g["cache_build_flops"].fillna(0).sum() if "cache_build_flops" in g else 0.0,
                 "fit_seconds": g["fit_seconds"].mean(),
                 "trainable_params": g["trainable_params"].mean(),
+                "teacher_fit_flops": g["teacher_fit_flops"].mean() if "teacher_fit_flops" in g else math.nan,
             }
         )
     order = ["data", "train_size", "acc_mean_pct"]

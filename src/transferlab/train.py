@@ -229,6 +229,7 @@ def _fit_and_test(
         "compute/inference_flops_per_sample": forward_flops(costs),  # the student's alone
         "compute/teacher_flops_per_sample": module.teacher_flops_per_sample,
         "compute/teacher_flops": module.teacher_flops_per_sample * timer.samples * trainer.world_size,
+        "compute/teacher_fit_flops": module.teacher_fit_flops,
         "compute/fit_seconds": timer.seconds,
         "compute/train_samples": timer.samples * trainer.world_size,
         "compute/samples_per_second": timer.samples_per_second,
