@@ -238,6 +238,16 @@ class DistillModule(TransferModule):
             del state[key]
         return state
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Accepts the student's own state (as `state_dict` gives it, e.g. best-weights restore);
+        the teacher is never loaded over."""
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        missing = [k for k in result.missing_keys if not k.startswith("teacher.")]
+        if strict and (missing or result.unexpected_keys):
+            unexpected = result.unexpected_keys[:3]
+            raise RuntimeError(f"state does not fit the student: missing {missing[:3]}, unexpected {unexpected}")
+        return result
+
 
 def validate(cfg: DictConfig) -> None:
     ft = cfg.finetune
