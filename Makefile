@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The offline default study never reaches a model hub; set HF_HUB_OFFLINE=0 to allow downloads.
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install sweep test bench ui report lint clean
+.PHONY: install sweep test bench ui report docs lint clean
 
 install: $(STAMP)
 
@@ -23,7 +23,7 @@ sweep: install
 	# Advice for the study's four targets first (seconds); the report checks it against the grid.
 	$(BIN)/transferlab advise experiment=default
 	$(BIN)/transferlab train -m experiment=default
-	@echo "Browse the runs: make ui  (then open http://127.0.0.1:5000)"
+	@echo "Browse the runs: make ui  (it prints the links to each study's runs table and chart)"
 
 test: install
 	$(BIN)/python -m pytest -q
@@ -37,6 +37,11 @@ ui: install
 
 report: install
 	$(BIN)/transferlab report --experiment default
+
+docs: report
+	# Copy reports/default into docs/ and regenerate the README's results block from it
+	# (tests/test_docs.py fails when they disagree).
+	$(BIN)/python -m transferlab.docs reports/default
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -152,4 +152,11 @@ def test_runs_view_shows_the_sweep_its_runs_and_key_columns(served_sweep) -> Non
         assert "test accuracy %" in body  # the results table as its description
         assert "Child runs" in body
         assert "Evaluation runs" not in body  # the model-training sidebar, not GenAI's
+        page.goto(next(link for link in links if "compareRunsMode=CHART" in link))
+        page.wait_for_timeout(5000)
+        page.screenshot(path=folder / "4-accuracy-vs-gflops.png")
+        page.get_by_text("Accuracy vs compute").first.wait_for(timeout=60_000)  # the scatter's section
+        body = page.inner_text("body")
+        assert "Group by" in body
+        assert "finetune.strategy" in body  # the groups the scatter colours
         browser.close()

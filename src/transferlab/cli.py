@@ -241,7 +241,7 @@ def _ui(args: list[str]) -> int:
     import mlflow
     from omegaconf import OmegaConf
 
-    from transferlab.links import set_default_view, ui_url
+    from transferlab.links import chart_url, set_default_view, ui_url
     from transferlab.tracking import tracking_uri
 
     parser = argparse.ArgumentParser(prog="transferlab ui", description="MLflow UI on the local store.")
@@ -257,6 +257,7 @@ def _ui(args: list[str]) -> int:
     for exp in studies:
         set_default_view(client, exp.experiment_id)  # stores made before the view existed
         print(f"  {exp.name}: {ui_url(exp.experiment_id, base=base)}", flush=True)
+        print(f"  {exp.name}, accuracy vs GFLOPs: {chart_url(exp.experiment_id, base=base)}", flush=True)
     # One worker and no job runner: ~0.5 GB instead of ~3 GB (shared NOTES). No access log, and
     # starlette's deprecation notice about mlflow's own import silenced: the terminal stays readable.
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}

@@ -20,6 +20,35 @@ KEY_COLUMNS = (
 )
 
 
+CHART_KEY = "transferlab-chart"
+# Accuracy against training compute as a scatter, one point per target x strategy (mean over seeds),
+# coloured by group: the report's plot, inside the UI.
+CONDITION = ("data.name", "data.samples_per_class", "finetune.strategy")
+SCATTER = {
+    "uuid": "transferlab-scatter",
+    "type": "SCATTER",
+    "runsCountToCompare": 200,
+    "metricSectionId": "transferlab-section",
+    "deleted": False,
+    "isGenerated": False,
+    "displayName": "test accuracy (%) vs training GFLOPs",
+    "xaxis": {"key": "compute/train_gflops", "type": "METRIC"},
+    "yaxis": {"key": "test/acc_pct", "type": "METRIC"},
+}
+CHART_VIEW = {
+    "selectedColumns": list(KEY_COLUMNS),
+    "groupBy": {
+        "aggregateFunction": "average",
+        "groupByKeys": [{"mode": "param", "groupByData": key} for key in CONDITION],
+    },
+    "useGroupedValuesInCharts": True,
+    "compareRunSections": [
+        {"uuid": "transferlab-section", "name": "Accuracy vs compute", "display": True, "isReordered": False}
+    ],
+    "compareRunCharts": [SCATTER],
+}
+
+
 def set_default_view(client: Any, exp_id: str) -> None:
     """Make the experiment open on its runs table (not GenAI) with the key columns, via `ui_url`."""
     view = {
@@ -27,6 +56,7 @@ def set_default_view(client: Any, exp_id: str) -> None:
         "runsHiddenMode": "SHOW_ALL",
     }
     client.set_experiment_tag(exp_id, f"mlflow.sharedViewState.{VIEW_KEY}", json.dumps(view))
+    client.set_experiment_tag(exp_id, f"mlflow.sharedViewState.{CHART_KEY}", json.dumps(CHART_VIEW))
     client.set_experiment_tag(exp_id, "mlflow.experimentKind", "custom_model_development")
 
 
@@ -37,3 +67,9 @@ def ui_url(experiment_id: str, run_id: str | None = None, uri: str = "", base: s
     if run_id:
         return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
     return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning&viewStateShareKey={VIEW_KEY}"
+
+
+def chart_url(experiment_id: str, base: str = UI_BASE) -> str:
+    """The study's accuracy-vs-GFLOPs scatter, grouped (and coloured) by target x strategy."""
+    view = f"workflowType=machine_learning&viewStateShareKey={CHART_KEY}&compareRunsMode=CHART"
+    return f"{base}/#/experiments/{experiment_id}/runs?{view}"

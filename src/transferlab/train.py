@@ -134,7 +134,7 @@ def _fit_and_test(
     tracker.log_text(format_table(stage_table(module.backbone, stages, spec.size, set(target))), "stages.md")
     _log_hydra_dir(tracker)
     counts = {k: v for k, v in data.count_metrics().items() if k.endswith("_size")}
-    tracker.log_metrics(data.count_metrics())
+    tracker.log_metrics(counts)  # per-class counts go in classes.json: as metrics they bury test/acc
     tracker.log_text(data.class_table(), "classes.json")
     tracker.set_tags(
         {
