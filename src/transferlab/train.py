@@ -95,6 +95,8 @@ def run(
             tracker.set_tags({REASON_TAG: reason})
             tracker.log_text(format_traceback(err), "error/traceback.txt")
         tracker.end(status)
+        if status == "FAILED" and tracker.enabled and job.enabled:
+            job.discard()  # a job that raised reruns from scratch; only killed ones resume
         raise
     tracker.end()
     if tracker.enabled and job.enabled:
