@@ -45,8 +45,10 @@ class Settings:
     """Thresholds of the verdicts; every one is printed next to the number it judges."""
 
     small_per_class: int = 50  # fewer train images per class than this: a small target
-    different_loss_pts: float = 10.0  # last stage's probe this far below the best stage: different source
-    similar_gain_pts: float = 5.0  # last stage's probe must beat random-init features by this: else different
+    # Calibrated once on the bundled data with a 2-epoch source (README): the last stage lost 4.9 and
+    # 6.7 pts on the similar targets, 7.8 and 8.6 on digits. A thin margin: the report checks it.
+    different_loss_pts: float = 7.0  # last stage's probe this far below the best stage: different source
+    similar_gain_pts: float = -3.0  # last stage's probe this far below random-init features: different
     knn_k: int = 5
     seeds: tuple[int, ...] = (0, 1, 2)  # of the verifying sweep
 

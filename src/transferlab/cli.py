@@ -205,7 +205,7 @@ def _advise(args: list[str]) -> int:
     opts, rest = parser.parse_known_args(args)
     overrides = [a for a in [*opts.overrides, *rest] if a not in ("-m", "--multirun")]
     _check_keys([o for o in overrides if "," not in o])
-    advise(overrides, Settings(opts.small_per_class, opts.different_loss_pts))
+    advise(overrides, Settings(small_per_class=opts.small_per_class, different_loss_pts=opts.different_loss_pts))
     return 0
 
 
