@@ -168,12 +168,17 @@ class EpochLogger(pl.Callback):
         self.tracker = tracker
 
     def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        if not trainer.is_global_zero or trainer.sanity_checking:
+        if trainer.sanity_checking:
+            return
+        # Every rank reads callback_metrics: reading them syncs `sync_dist` metrics (a collective),
+        # so a rank-0-only read deadlocks DDP against the other ranks' own epoch-end reduce.
+        current = trainer.callback_metrics
+        if not trainer.is_global_zero:
             return
         epoch = module.epoch_offset + trainer.current_epoch
         validated = (trainer.current_epoch + 1) % trainer.check_val_every_n_epoch == 0
         prefixes = ("train/", "val/") if validated else ("train/",)
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(prefixes)}
+        metrics = {k: float(v) for k, v in current.items() if k.startswith(prefixes)}
         for group in trainer.optimizers[0].param_groups:
             metrics[f"lr/{group['name']}"] = float(group["lr"])
         metrics["trainable_params"] = float(trainable_params(module))
