@@ -56,3 +56,12 @@ def cfg():
     from transferlab.config import compose_config
 
     return compose_config(["backbone.weights=scratch"])
+
+
+@pytest.fixture(autouse=True)
+def _no_hydra_run_left_behind():
+    """An in-process CLI call leaves Hydra's global run config set; the next test must not see it."""
+    yield
+    from hydra.core.hydra_config import HydraConfig
+
+    HydraConfig.instance().cfg = None

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 from pytorch_lightning.callbacks import EarlyStopping
 from pytorch_lightning.plugins.environments import SLURMEnvironment
 from safetensors.torch import save_file
@@ -318,7 +319,7 @@ def _log_hydra_dir(tracker: RunTracker) -> None:
         from hydra.core.hydra_config import HydraConfig
 
         output = Path(HydraConfig.get().runtime.output_dir) / HydraConfig.get().output_subdir
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, MissingMandatoryValue):  # no Hydra run, or one without an output dir
         return
     tracker.log_artifact(output, "hydra")
 
