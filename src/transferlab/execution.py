@@ -25,6 +25,7 @@ from omegaconf import DictConfig
 from pytorch_lightning.utilities import rank_zero_only
 
 from transferlab.errors import TransferlabError
+from transferlab.identity import hydra_run
 from transferlab.links import ui_url
 
 RECORDS_DIR = "jobs"
@@ -148,11 +149,7 @@ def _clock(seconds: float) -> str:
 
 def _hydra_job() -> tuple[bool, int, list[str], Path | None]:
     """(multirun?, job number, the job's overrides, sweep dir) from Hydra's runtime config."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        hc = HydraConfig.get()
-    except ValueError:
+    if (hc := hydra_run()) is None:
         return False, 0, [], None
     multirun = hc.mode is not None and hc.mode.name == "MULTIRUN"
     num = int(hc.job.num) if hc.job.get("num") is not None else 0

@@ -95,3 +95,13 @@ def job_run_name(cfg: DictConfig, varied: tuple[str, ...] | list[str] = ()) -> s
         size = "all" if float(data.fraction) >= 1 else f"{float(data.fraction):.0%}"
     extras = [f"{k.rpartition('.')[2]}={OmegaConf.select(cfg, k)}" for k in varied if k not in NAMED]
     return "-".join([str(target), size, str(cfg.finetune.strategy), *extras, f"s{cfg.seed}"])
+
+
+def hydra_run() -> DictConfig | None:
+    """The running Hydra job's `hydra` config, or None outside a Hydra run. One place for the
+    check: a config left behind by an in-process CLI call (no output dir) is not a run."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized() or OmegaConf.is_missing(HydraConfig.get().runtime, "output_dir"):
+        return None
+    return HydraConfig.get()

@@ -19,17 +19,16 @@ import torch
 from filelock import FileLock, Timeout
 from omegaconf import DictConfig
 
+from transferlab.identity import hydra_run
+
 _assigned = threading.local()  # this job's GPU indices, read by the Trainer
 
 
 def parallel_jobs() -> int:
     """How many jobs the running Hydra launcher runs at once (1 when it runs them in turn)."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        launcher = HydraConfig.get().launcher
-    except ValueError:
+    if (hc := hydra_run()) is None:
         return 1
+    launcher = hc.launcher
     n_jobs = launcher.get("n_jobs") if "n_jobs" in launcher else None
     if n_jobs is None:
         return 1

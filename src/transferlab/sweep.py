@@ -18,6 +18,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from transferlab.execution import SweepLedger, ui_url
+from transferlab.identity import hydra_run
 from transferlab.tracking import RunTracker, experiment_id, tracking_uri
 
 PARENT_ENV = "TRANSFERLAB_PARENT_RUN_ID"
@@ -30,12 +31,9 @@ def parent_run_id() -> str | None:
     (launchers that start a process per job)."""
     if os.environ.get(PARENT_ENV):
         return os.environ[PARENT_ENV]
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
+    from hydra.types import RunMode
 
-        hydra_cfg = HydraConfig.get()
-    except ValueError:
+    if (hydra_cfg := hydra_run()) is None:
         return None
     marker = Path(hydra_cfg.sweep.dir) / PARENT_FILE
     return marker.read_text().strip() if hydra_cfg.mode == RunMode.MULTIRUN and marker.exists() else None

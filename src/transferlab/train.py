@@ -14,7 +14,6 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
 from pytorch_lightning.callbacks import EarlyStopping
 from pytorch_lightning.plugins.environments import SLURMEnvironment
 from safetensors.torch import save_file
@@ -34,7 +33,7 @@ from transferlab.data import build_datamodule
 from transferlab.execution import REASON_TAG, FailOnNonFiniteLoss, format_traceback, report_failure
 from transferlab.features import PhaseFeatures
 from transferlab.finetune import BestWeights, Phase, plan_phases, target_trainable
-from transferlab.identity import condition_hash, config_hash, flatten, job_run_name
+from transferlab.identity import condition_hash, config_hash, flatten, hydra_run, job_run_name
 from transferlab.model import TransferModule
 from transferlab.parallel import assigned_devices
 from transferlab.probes import check_devices, check_store
@@ -108,12 +107,8 @@ def run(
 def _run_name(cfg: DictConfig) -> str:
     """identity.job_run_name with the keys this sweep varies (an experiment's grid, command-line sweeps)."""
     varied = [k for k in os.environ.get(SWEPT_ENV, "").split(",") if k]
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        varied += [k for k in HydraConfig.get().sweeper.get("params") or {} if k not in varied]
-    except ValueError:  # not launched by Hydra
-        pass
+    if (hc := hydra_run()) is not None:
+        varied += [k for k in hc.sweeper.get("params") or {} if k not in varied]
     return job_run_name(cfg, varied)
 
 
@@ -306,22 +301,13 @@ def _trainer(cfg: DictConfig, phase: Phase, epochs: int, val_every: int, callbac
 
 
 def _hydra_overrides() -> dict[str, str]:
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        return {"hydra.overrides": " ".join(HydraConfig.get().overrides.task)}
-    except ValueError:  # not launched by Hydra (tests, reproduce)
-        return {}
+    hc = hydra_run()  # None: not launched by Hydra (tests, reproduce)
+    return {} if hc is None else {"hydra.overrides": " ".join(hc.overrides.task)}
 
 
 def _log_hydra_dir(tracker: RunTracker) -> None:
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        output = Path(HydraConfig.get().runtime.output_dir) / HydraConfig.get().output_subdir
-    except (ValueError, TypeError, MissingMandatoryValue):  # no Hydra run, or one without an output dir
-        return
-    tracker.log_artifact(output, "hydra")
+    if (hc := hydra_run()) is not None and hc.output_subdir is not None:
+        tracker.log_artifact(Path(hc.runtime.output_dir) / hc.output_subdir, "hydra")
 
 
 def _save_weights(module: TransferModule, tracker: RunTracker, log_model: bool, backbone_out: Path | None) -> None:
