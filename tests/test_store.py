@@ -3,6 +3,9 @@ the loader-side vs device-side transform paths."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -209,10 +212,36 @@ def _fake_big_source(n: int, size: int):
     return load
 
 
+PINNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
 @pytest.mark.slow
 def test_store_larger_than_ram_budget_trains_with_bounded_memory(tmp_path, monkeypatch):
     """A 106 MB store with an 8 MB RAM budget: one epoch of training reads every train image
-    (74 MB) from disk while resident memory, after the first step, grows by < 1/10 of the store."""
+    (74 MB) from disk while resident memory, after the first step, grows by < 1/10 of the store.
+
+    Measured in a child process with glibc's mmap threshold pinned: by default glibc raises the
+    threshold after the first freed batch and then keeps 10-50 MB of freed batches in its heap,
+    which varies run to run and is allocator retention, not data retention."""
+    if any(os.environ.get(k) != v for k, v in PINNED_MALLOC.items()):
+        child = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "-q",
+                "-s",
+                "-p",
+                "no:cacheprovider",
+                f"{__file__}::{sys._getframe().f_code.co_name}",
+            ],
+            env={**os.environ, **PINNED_MALLOC},
+            capture_output=True,
+            text=True,
+        )
+        assert child.returncode == 0, child.stdout[-3000:] + child.stderr[-2000:]
+        assert "1 passed" in child.stdout
+        return
     import pytorch_lightning as pl
 
     from transferlab.config import compose_config
