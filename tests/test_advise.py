@@ -43,23 +43,46 @@ def test_targets_come_from_data_sweeps_and_candidates_from_backbone_overrides():
 )
 def test_four_cases(per_class, probes, size, domain, strategies):
     advice = decide("t", per_class, _rows("a:source", probes), Settings(small_per_class=50, different_loss_pts=5))
-    assert np.isnan(advice.gain_pts)  # no random-init reference: only the stage loss votes
+    assert np.isnan(advice.knn_gain_pts)  # no random-init reference: only the stage loss votes
     assert (advice.size, advice.domain, advice.strategies) == (size, domain, strategies)
     assert advice.best_stage == "stage1"
     assert advice.last_stage == "stage2"
     assert advice.loss_pts == pytest.approx(probes[1] - probes[2])
 
 
-def test_a_source_no_better_than_random_features_is_different():
+def test_a_source_whose_last_stage_groups_classes_no_better_than_random_features_is_different():
     scores = _rows("a:source", [50.0, 60.0, 62.0])
     reference = [r | {"candidate": "a:scratch", "reference": True} for r in _rows("a:source", [55.0, 70.0, 75.0])]
-    advice = decide("t", 500, scores + reference, Settings(similar_gain_pts=5, different_loss_pts=10))
-    assert advice.gain_pts == pytest.approx(62.0 - 75.0)
+    advice = decide("t", 500, scores + reference, Settings(similar_knn_gain_pts=-5, different_loss_pts=10))
+    assert advice.knn_gain_pts == pytest.approx(62.0 - 75.0)
     assert advice.loss_pts == pytest.approx(0.0)  # the last stage is its best: only the reference tells
     assert advice.domain == "different"
     assert advice.best_candidate == "a:source"  # the reference is a bar, never the advice
-    helpful = [r | {"probe": r["probe"] - 20} for r in reference]
-    assert decide("t", 500, scores + helpful, Settings(similar_gain_pts=5)).domain == "similar"
+    helpful = [r | {"knn": r["knn"] - 20} for r in reference]
+    assert decide("t", 500, scores + helpful, Settings(similar_knn_gain_pts=-5)).domain == "similar"
+    # k-NN votes, not the probe: random features that probe far better but group classes worse
+    strong_probe = [r | {"probe": r["probe"] + 30, "knn": r["knn"] - 20} for r in reference]
+    assert decide("t", 500, scores + strong_probe, Settings()).domain == "similar"
+
+
+def test_recorded_study_scores_give_the_measured_domains():
+    """Last-stage scores of the recorded default study's advise runs (docs/default_report.md):
+    the probe loss alone judged digits/1259 similar (-5.9 pts, under 7); its k-NN, 3.4 pts below
+    random-init features, makes it different, while both similar targets stay similar."""
+    recorded = {  # target: (best probe, last probe, last knn, random-init last knn), domain measured
+        "digits/1259": ((95.9, 90.0, 83.0, 86.4), "different"),
+        "digits/50": ((81.4, 73.2, 44.0, 70.0), "different"),
+        "similar/2088": ((92.9, 87.5, 83.0, 77.5), "similar"),
+        "similar/15": ((73.1, 68.2, 60.0, 20.0), "similar"),
+    }
+    for target, ((best, last, knn, random_knn), domain) in recorded.items():
+        rows = [
+            {"candidate": "m:source", "stage": "stage3", "dims": 8, "probe": best, "knn": 0.0, "logme": 0.0},
+            {"candidate": "m:source", "stage": "stage4", "dims": 8, "probe": last, "knn": knn, "logme": 0.0},
+            {"candidate": "m:scratch", "stage": "stage4", "dims": 8, "probe": 0.0, "knn": random_knn, "logme": 0.0}
+            | {"reference": True},
+        ]
+        assert decide(target, 100, rows, Settings()).domain == domain, target
 
 
 def test_best_candidate_is_judged_on_its_own_last_stage():

@@ -45,6 +45,7 @@ def load_advice(client: Any, experiment: str) -> tuple[pd.DataFrame, pd.DataFram
                 "strategies": tags.get(TAG + "strategies", ""),
                 "per_class": metrics.get("advise/per_class"),
                 "loss_pts": metrics.get("advise/last_stage_loss_pts"),
+                "knn_gain_pts": metrics.get("advise/last_stage_knn_gain_over_random_pts"),
                 "seconds": metrics.get("advise/seconds"),
             }
         )
@@ -155,7 +156,8 @@ def outcomes(advice: pd.DataFrame, runs: pd.DataFrame, summary: pd.DataFrame, pa
             {
                 "target": a.target,
                 "advice": f"{a.size} + {a.domain}: {a.strategies.replace(',', ' or ')}",
-                "numbers": f"{a.per_class:.0f}/class; last stage {-a.loss_pts:+.1f} pts vs {a.best_stage}",
+                "numbers": f"{a.per_class:.0f}/class; last stage {-a.loss_pts:+.1f} pts vs {a.best_stage}"
+                + ("" if pd.isna(a.knn_gain_pts) else f", k-NN {a.knn_gain_pts:+.1f} pts vs random-init"),
                 "advise_s": a.seconds,
                 "sweep_s": _wall_seconds(runs[runs["target"] == a.target]),
                 "winner": f"{winner['strategy']} ({winner['acc_mean_pct']:.1f}%)",

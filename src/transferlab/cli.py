@@ -202,10 +202,16 @@ def _advise(args: list[str]) -> int:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. experiment=default")
     parser.add_argument("--small-per-class", type=int, default=Settings.small_per_class)
     parser.add_argument("--different-loss-pts", type=float, default=Settings.different_loss_pts)
+    parser.add_argument("--similar-knn-gain-pts", type=float, default=Settings.similar_knn_gain_pts)
     opts, rest = parser.parse_known_args(args)
     overrides = [a for a in [*opts.overrides, *rest] if a not in ("-m", "--multirun")]
     _check_keys([o for o in overrides if "," not in o])
-    advise(overrides, Settings(small_per_class=opts.small_per_class, different_loss_pts=opts.different_loss_pts))
+    settings = Settings(
+        small_per_class=opts.small_per_class,
+        different_loss_pts=opts.different_loss_pts,
+        similar_knn_gain_pts=opts.similar_knn_gain_pts,
+    )
+    advise(overrides, settings)
     return 0
 
 
