@@ -119,7 +119,9 @@ def test_section_renders_advice_next_to_outcome():
     scores = _scores({"probe": [0, 0, 3, 2, 1]})
     text = "\n".join(advice_markdown(_advice("probe_early"), scores, tables.runs, tables.summary, tables.pairs))
     assert "small + different: probe_early" in text
-    assert "10/class; last stage -25.0 pts vs stage2, k-NN -4.0 pts vs random-init | 1.5 | 36 | 4.2% |" in text  # 1.5 s vs 12 runs x 3 s
+    assert (
+        "10/class; last stage -25.0 pts vs stage2, k-NN -4.0 pts vs random-init | 1.5 | 36 | 4.2% |" in text
+    )  # 1.5 s vs 12 runs x 3 s
     assert "| probe | digits / 100 train | 3 | +1.00 |" in text
     assert advice_markdown(pd.DataFrame(), scores, tables.runs, tables.summary, tables.pairs) == []
 

@@ -51,7 +51,9 @@ def test_cached_run_matches_uncached(store, finetune, extra):
     cached, cached_run = _job(store, f"finetune={finetune}", *extra)
     assert plain_run.data.tags["transferlab.feature_cache"] == "unused: finetune.cache_features=off"
     assert cached_run.data.tags["transferlab.feature_cache"] == "built"
-    assert cached_run.data.tags["transferlab.cache_features"] == "auto"
+    assert cached_run.data.tags["transferlab.cache_features"] == (
+        "auto" if finetune == "head_then_all" else "unaugmented"
+    )
     logged, plain_logged = cached_run.data.metrics, plain_run.data.metrics
     for key in ("test/loss", "test/f1", "val/loss", "train/loss", "train/acc"):
         assert logged[key] == pytest.approx(plain_logged[key], rel=1e-5, abs=1e-6), key
@@ -75,9 +77,24 @@ def test_other_jobs_reuse_the_features_and_pay_no_build(store):
 
 @pytest.mark.slow
 def test_augmented_data_is_not_cached_and_says_why(store, capsys):
-    _, job = _job(store, "finetune=probe", "data.augment=light")
+    _, job = _job(store, "finetune=probe", "data.augment=light", "finetune.cache_features=auto")
     assert job.data.tags["transferlab.feature_cache"].startswith("unused: data.augment=light randomises")
     assert capsys.readouterr().out.count("feature cache: not used") == 1
+
+
+@pytest.mark.slow
+def test_unaugmented_mode_probes_as_if_augmentation_were_off(store, capsys):
+    """The probe presets' mode: with data.augment on, the head trains on cached features of
+    unaugmented images, i.e. exactly the uncached run with augmentation off."""
+    _, plain = _job(store, "finetune=probe", "data.augment=none", "finetune.cache_features=off")
+    _, cached = _job(store, "finetune=probe", "data.augment=light")
+    _, augmented = _job(store, "finetune=probe", "data.augment=light", "finetune.cache_features=off")
+    assert cached.data.tags["transferlab.feature_cache"] == "built"
+    assert "cached frozen features of unaugmented images (data.augment=light skipped)" in capsys.readouterr().out
+    for key in ("test/loss", "val/loss", "train/loss"):
+        assert cached.data.metrics[key] == pytest.approx(plain.data.metrics[key], rel=1e-5, abs=1e-6), key
+    # the control: augmentation does change what an uncached probe trains on
+    assert augmented.data.metrics["train/loss"] != pytest.approx(plain.data.metrics["train/loss"], rel=1e-5)
 
 
 def test_reasons_for_not_caching():
@@ -85,6 +102,8 @@ def test_reasons_for_not_caching():
     assert feat.why_not_cached("off", frozenset(), "none") == "finetune.cache_features=off"
     assert "partial freeze" in feat.why_not_cached("auto", frozenset({3, 4}), "none")
     assert "data.augment=strong" in feat.why_not_cached("auto", frozenset(), "strong")
+    assert feat.why_not_cached("unaugmented", frozenset(), "strong") is None
+    assert "partial freeze" in feat.why_not_cached("unaugmented", frozenset({3, 4}), "strong")
 
 
 def test_unknown_cache_mode_is_a_config_error():

@@ -273,8 +273,11 @@ def why_not_cached(mode: str, trainable: frozenset[int], augment: str) -> str | 
         )
     if trainable:
         return "every stage trains"
-    if augment != "none":
-        return f"data.augment={augment} randomises the inputs the frozen backbone sees, so its outputs are not fixed"
+    if augment != "none" and mode != "unaugmented":
+        return (
+            f"data.augment={augment} randomises the inputs the frozen backbone sees, so its outputs are not fixed "
+            "(finetune.cache_features=unaugmented trains head-only phases on unaugmented features)"
+        )
     return None
 
 
@@ -289,7 +292,7 @@ class PhaseFeatures:
     layers it pays for, and the one-off build cost this job incurred."""
 
     def __init__(self, cfg: DictConfig, module: nn.Module, data: pl.LightningDataModule, costs: list[LayerCost]):
-        self.mode = str(cfg.finetune.get("cache_features", "auto"))  # auto | off, checked in schema.py
+        self.mode = str(cfg.finetune.get("cache_features", "auto"))  # auto | unaugmented | off (schema.py)
         self.cfg, self.module, self.data, self.costs = cfg, module, data, costs
         self.build_flops = 0.0
         self.outcomes: list[str] = []  # one per cached split read: built | reused
@@ -309,7 +312,10 @@ class PhaseFeatures:
                 print(f"feature cache: not used for phase {phase_name}: {reason}", flush=True)
             self.reasons.append(reason)
             return self.data
-        print(f"feature cache: phase {phase_name} trains the head on cached frozen features", flush=True)
+        dropped = (
+            f" of unaugmented images (data.augment={self.data.augment} skipped)" if self.data.augment != "none" else ""
+        )
+        print(f"feature cache: phase {phase_name} trains the head on cached frozen features{dropped}", flush=True)
         identity = feature_identity(self.cfg, self.module.backbone, self.module.feature_index, self.data.spec)
         device = trainer.strategy.root_device
 

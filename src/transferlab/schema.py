@@ -53,7 +53,7 @@ FIELDS: dict[str, Field] = {
     "finetune.head_patience": _int(1, 3, nullable=True),
     "finetune.gradual_every": _int(1, 1),
     "finetune.select": _choice("best", "last"),
-    "finetune.cache_features": _choice("auto", "off"),
+    "finetune.cache_features": _choice("auto", "unaugmented", "off"),
     "finetune.head.dropout": _float("a number in [0, 1)", lambda v: 0 <= v < 1, 0.1),
     "trainer.max_epochs": _int(1, 6),
     "trainer.min_steps": _int(0, 60, nullable=True),
