@@ -186,6 +186,29 @@ def test_submitit_local_launcher_end_to_end(store: str, tmp_path: Path) -> None:
     assert "sweep submitit: 2 finished, 0 failed, 0 skipped of 2" in result.stdout
 
 
+@pytest.mark.slow
+def test_two_jobs_of_two_ddp_ranks_each_through_submitit(store: str, tmp_path: Path) -> None:
+    """`-m` with multi-process DDP per job (hydra/launcher=local_ddp): submitit starts each job's
+    two ranks, which form one DDP group per job and leave exactly one MLflow run per job."""
+    ddp = ["trainer.devices=2", "trainer.strategy=ddp", "finetune=head_then_all", "finetune.head_epochs=1"]
+    launcher = ["hydra/launcher=local_ddp", "hydra.launcher.timeout_min=10"]
+    result = _cli(
+        "train", "-m", *FAST, "study=ddp_sweep", "seed=0,1", "trainer.max_epochs=2", *ddp, *launcher, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = _runs(store, "ddp_sweep")
+    jobs = [r for r in runs if r.data.tags["transferlab.role"] == "job"]
+    assert sorted(r.data.params["seed"] for r in jobs) == ["0", "1"]  # one run per job, not per rank
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    client = mlflow.MlflowClient(store)
+    for job in jobs:
+        # two ranks split the data (each image once per epoch) and stay in sync after the unfreeze
+        assert job.data.metrics["compute/train_samples"] == 2 * job.data.metrics["data/train_size"]
+        divergence = client.get_metric_history(job.info.run_id, "ddp/param_divergence")
+        assert [m.value for m in divergence] == [0.0, 0.0]
+    assert "sweep ddp_sweep: 2 finished, 0 failed, 0 skipped of 2" in result.stdout
+
+
 def test_bad_overrides_fail_before_training_with_one_line(tmp_path: Path) -> None:
     for args in (
         ["backbone=nope"],

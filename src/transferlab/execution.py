@@ -159,11 +159,12 @@ def _hydra_job() -> tuple[bool, int, list[str], Path | None]:
 def run_job(cfg: DictConfig) -> float:
     """Hydra's task body. In a multirun a failing job is recorded and the sweep goes on; a single
     run raises as before. Either way one line says how the job ended."""
-    from transferlab.parallel import job_resources
+    from transferlab.parallel import job_resources, join_submitit_tasks
     from transferlab.tracking import experiment_id, finished_run, tracking_uri
     from transferlab.train import run
 
     quiet_lightning()
+    join_submitit_tasks()
     multirun, num, overrides, sweep_dir = _hydra_job()
     start = time.perf_counter()
     ledger = SweepLedger(sweep_dir) if multirun and sweep_dir is not None else None
