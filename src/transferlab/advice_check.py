@@ -212,7 +212,8 @@ def advice_markdown(
     ]
     lines += _table(head, rows)
     lines += [
-        "advise s: scoring the target (features + measures); sweep s: the target's job runs summed "
+        "advise s: scoring the target (features + measures; decoding the data beforehand, which the "
+        "sweep's jobs then reuse, excluded); sweep s: the target's job runs summed "
         "(MLflow run lifetimes; process start-up excluded from both). gap: winner's mean - advised mean, pts.",
         "",
     ]
