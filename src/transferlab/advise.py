@@ -245,7 +245,8 @@ def render(advice: Advice, settings: Settings) -> str:
         f"- size: {a.size} ({a.per_class} train images in the smallest class; small < {settings.small_per_class})",
         f"- source: {a.domain} (the best stage {a.best_stage} probes {a.loss_pts:+.1f} pts above the last "
         f"stage {a.last_stage}: different above {settings.different_loss_pts:g}; the last stage's k-NN is "
-        f"{a.knn_gain_pts:+.1f} pts above random-init features': different below {settings.similar_knn_gain_pts:g})",
+        f"{a.knn_gain_pts:+.1f} pts above that of random-init features: different below "
+        f"{settings.similar_knn_gain_pts:g})",
         f"- cut / freeze at: {a.best_stage} of {a.best_candidate}",
         f"- strategy ({a.size} + {a.domain}): {' or '.join(a.strategies)}"
         + (f" (finetune.truncate_after={a.best_stage})" if "probe_early" in a.strategies else ""),
