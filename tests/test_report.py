@@ -133,6 +133,14 @@ def test_findings_name_winner_and_cheapest_within_noise_with_cost_ratio():
     assert "Cheapest overall: tiny: 0.01x the FLOPs, -48.7 pts (A > B (significant))" in line
 
 
+def test_a_cost_ratio_below_a_hundredth_keeps_a_significant_digit():
+    tables = _tradeoff_tables()
+    tables.summary.loc[tables.summary["strategy"] == "tiny", "train_flops"] = 2.5e8  # 2.5e8 / 1e12
+    text = render_markdown("t", tables, None)
+    (line,) = [x for x in text.splitlines() if x.startswith("- **similar / 30 train**")]
+    assert "Cheapest overall: tiny: 0.0003x the FLOPs" in line
+
+
 def test_imagefolder_target_is_named_after_its_folder():
     rows = [_run("probe", s, 0.5, data="imagefolder", **{"data.root": "/data/leaves/"}) for s in range(3)]
     assert summarize(pd.DataFrame(rows)).summary["target"].tolist() == ["leaves / 30 train"]

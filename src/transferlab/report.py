@@ -198,7 +198,10 @@ def _verdict_for(pairs: pd.DataFrame, target: str, winner: str, other: str) -> s
 
 def _cost(row: Any, best: Any) -> str:
     ratio = row.train_flops / best.train_flops if best.train_flops > 0 else math.nan
-    return f"{row.strategy}: {_num(ratio, '.2f')}x the FLOPs, {row.acc_mean_pct - best.acc_mean_pct:+.1f} pts"
+    # a probe on cached features costs ~1e-4 of fine-tuning: two decimals would print 0.00x
+    small = not pd.isna(ratio) and 0 < ratio < 0.01
+    shown = np.format_float_positional(ratio, precision=1, fractional=False) if small else _num(ratio, ".2f")
+    return f"{row.strategy}: {shown}x the FLOPs, {row.acc_mean_pct - best.acc_mean_pct:+.1f} pts"
 
 
 def target_findings(target: str, s: pd.DataFrame, pairs: pd.DataFrame) -> str:
