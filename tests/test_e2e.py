@@ -187,6 +187,23 @@ def test_submitit_local_launcher_end_to_end(store: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_ray_launcher_runs_jobs_on_a_local_ray_cluster(store: str, tmp_path: Path) -> None:
+    """hydra/launcher=ray with a local Ray instance (the README's Ray command without an address):
+    each job a Ray task, every run logged under one parent."""
+    launcher = ["hydra/launcher=ray", "+hydra.launcher.ray.init.num_cpus=2"]
+    result = _cli("train", "-m", *FAST, "study=ray", "seed=0,1", *launcher, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Ray Launcher is launching 2 jobs" in result.stdout + result.stderr
+    runs = _runs(store, "ray")
+    (parent,) = [r for r in runs if r.data.tags["transferlab.role"] == "sweep"]
+    jobs = [r for r in runs if r.data.tags["transferlab.role"] == "job"]
+    assert sorted(r.data.params["seed"] for r in jobs) == ["0", "1"]
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    assert {r.data.tags["mlflow.parentRunId"] for r in jobs} == {parent.info.run_id}
+    assert "sweep ray: 2 finished, 0 failed, 0 skipped of 2" in result.stdout
+
+
+@pytest.mark.slow
 def test_two_jobs_of_two_ddp_ranks_each_through_submitit(store: str, tmp_path: Path) -> None:
     """`-m` with multi-process DDP per job (hydra/launcher=local_ddp): submitit starts each job's
     two ranks, which form one DDP group per job and leave exactly one MLflow run per job."""
