@@ -108,12 +108,20 @@ def test_verifying_commands():
     advice = decide("t", 10, _rows("a:source", [50.0, 80.0, 60.0]), Settings())
     plain, stage_check = verify_commands(advice, "check", ["data=digits"], [], Settings(seeds=(0, 1)))
     assert plain == "transferlab train -m study=check data=digits finetune=scratch,probe,probe_early,fine_tune seed=0,1"
-    assert stage_check.endswith("finetune=probe finetune.truncate_after=stage1,null seed=0,1")
+    # a probe at every stage before the last (stem, stage1) and at the last (null): a tau point each
+    assert stage_check.endswith("finetune=probe finetune.truncate_after=stem,stage1,null seed=0,1")
     # A pinned non-scratch weight contradicts finetune=scratch, so scratch is left out.
     (pinned, _) = verify_commands(advice, "check", ["data=digits"], ["backbone.weights=pretrained"], Settings())
     assert "finetune=probe,probe_early,fine_tune " in pinned
     last_best = decide("t", 10, _rows("a:source", [50.0, 60.0, 80.0]), Settings())
-    assert len(verify_commands(last_best, "check", [], [], Settings())) == 1
+    assert "finetune.truncate_after=stem,stage1,null" in verify_commands(last_best, "check", [], [], Settings())[1]
+    one_stage = decide("t", 10, _rows("a:source", [80.0], stages=("stem",)), Settings())
+    assert len(verify_commands(one_stage, "check", [], [], Settings())) == 1  # nothing earlier to cut at
+    reference = [r | {"candidate": "a:scratch", "reference": True} for r in _rows("a:source", [1.0, 2.0, 3.0])]
+    other = _rows("b:source", [10.0, 20.0], stages=("x1", "x2"))
+    mixed = decide("t", 10, _rows("a:source", [50.0, 80.0, 60.0]) + reference + other, Settings())
+    assert mixed.best_candidate == "a:source"
+    assert verify_commands(mixed, "check", [], [], Settings())[1].count("truncate_after=stem,stage1,null ") == 1
 
 
 @pytest.mark.slow

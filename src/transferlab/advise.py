@@ -200,6 +200,7 @@ def decide(target: str, per_class: int, scores: list[dict], settings: Settings) 
         loss,
         gain,
         STRATEGIES[size, domain],
+        scores=list(scores),
     )
 
 
@@ -207,7 +208,8 @@ def verify_commands(
     advice: Advice, study: str, target: list[str], candidate: list[str], settings: Settings
 ) -> list[str]:
     """`transferlab train -m ...` lines for a small verifying sweep: the four strategies at the
-    target and, when the best stage is not the last, probes at the best and the last stage."""
+    target, and a probe at every scored stage of the best candidate (seconds each on cached
+    features), so the report's Kendall tau has a point per stage, not two."""
     seeds = "seed=" + ",".join(map(str, settings.seeds))
     named = [] if any(o.startswith("study=") for o in target) else [f"study={study}"]
     base = ["transferlab", "train", "-m", *named, *target, *candidate]
@@ -215,8 +217,10 @@ def verify_commands(
     pinned = any(o.startswith("backbone.weights=") and o != "backbone.weights=scratch" for o in candidate)
     strategies = VERIFY[1:] if pinned else VERIFY
     lines = [" ".join([*base, "finetune=" + ",".join(strategies), seeds])]
-    if advice.best_stage != advice.last_stage:
-        cuts = f"finetune.truncate_after={advice.best_stage},null"
+    mine = [r["stage"] for r in advice.scores if r["candidate"] == advice.best_candidate and not r.get("reference")]
+    earlier = [stage for stage in dict.fromkeys(mine) if stage != advice.last_stage]
+    if earlier:
+        cuts = "finetune.truncate_after=" + ",".join([*earlier, "null"])
         lines.append(" ".join([*base, "finetune=probe", cuts, seeds]))
     return lines
 
@@ -278,7 +282,6 @@ def advise_target(target: list[str], candidates: list[list[str]], settings: Sett
     train_labels = labels["train"]
     per_class = int(np.bincount(train_labels).min())
     advice = decide(target_label(cfg.data, len(train_labels)), per_class, scores, settings)
-    advice.scores = scores
     best = next(c for c, g in zip(candidates, cfgs) if _label(g) == advice.best_candidate)
     advice.commands = verify_commands(advice, str(cfg.study), target, best, settings)
     advice.seconds, advice.data_seconds = time.perf_counter() - start, data_seconds
