@@ -151,56 +151,43 @@ def test_a_killed_job_resumes_into_its_run_with_identical_metrics(store: str, tm
     assert sorted({m.step for m in history}) == list(range(6))  # every epoch logged, across both processes
 
 
+def _two_seed_sweep(store: str, tmp_path: Path, study: str, *args: str) -> tuple[subprocess.CompletedProcess, list]:
+    """`train -m` over seed=0,1 with `args` (a launcher): both jobs FINISHED, each logged once under
+    the sweep's parent run, and the summary line says so. -> (the process, the job runs)."""
+    result = _cli("train", "-m", *FAST, f"study={study}", "seed=0,1", *args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = _runs(store, study)
+    (parent,) = [r for r in runs if r.data.tags["transferlab.role"] == "sweep"]
+    jobs = [r for r in runs if r.data.tags["transferlab.role"] == "job"]
+    assert sorted(r.data.params["seed"] for r in jobs) == ["0", "1"]  # one run per job
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    assert {r.data.tags["mlflow.parentRunId"] for r in jobs} == {parent.info.run_id}
+    assert parent.data.metrics["sweep/finished"] == 2
+    assert f"sweep {study}: 2 finished, 0 failed, 0 skipped of 2" in result.stdout
+    return result, jobs
+
+
 def test_joblib_sweep_with_two_workers_logs_every_metric(store: str, tmp_path: Path) -> None:
     """Two jobs at once in two worker processes (Hydra's joblib launcher) into one store."""
-    parallel = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
-    result = _cli("train", "-m", *FAST, "study=joblib", "seed=0,1", *parallel, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    runs = _runs(store, "joblib")
-    jobs = [r for r in runs if r.data.tags.get("transferlab.role") == "job"]
-    assert sorted(r.data.params["seed"] for r in jobs) == ["0", "1"]
-    assert {r.info.status for r in runs} == {"FINISHED"}
+    _, jobs = _two_seed_sweep(store, tmp_path, "joblib", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2")
     client = mlflow.MlflowClient(store)
     expected = {"test/acc", "test/loss", "train/loss", "val/acc", "compute/train_flops", "data/train_size", "lr/head"}
     for r in jobs:
         assert expected <= set(r.data.metrics), expected - set(r.data.metrics)
         assert len(client.get_metric_history(r.info.run_id, "train/loss")) == 1
-        assert r.data.tags["mlflow.parentRunId"] == next(
-            p.info.run_id for p in runs if p.data.tags["transferlab.role"] == "sweep"
-        )
-    assert "sweep joblib: 2 finished, 0 failed, 0 skipped of 2" in result.stdout
 
 
 def test_submitit_local_launcher_end_to_end(store: str, tmp_path: Path) -> None:
     """Each job in its own process started by submitit (what `submitit_slurm` does on a cluster)."""
-    launcher = ["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10"]
-    result = _cli("train", "-m", *FAST, "study=submitit", "seed=0,1", *launcher, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    runs = _runs(store, "submitit")
-    (parent,) = [r for r in runs if r.data.tags["transferlab.role"] == "sweep"]
-    jobs = [r for r in runs if r.data.tags["transferlab.role"] == "job"]
-    assert sorted(r.data.params["seed"] for r in jobs) == ["0", "1"]
-    assert {r.info.status for r in runs} == {"FINISHED"}
-    assert {r.data.tags["mlflow.parentRunId"] for r in jobs} == {parent.info.run_id}
-    assert parent.data.metrics["sweep/finished"] == 2
-    assert "sweep submitit: 2 finished, 0 failed, 0 skipped of 2" in result.stdout
+    _two_seed_sweep(store, tmp_path, "submitit", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10")
 
 
 @pytest.mark.slow
 def test_ray_launcher_runs_jobs_on_a_local_ray_cluster(store: str, tmp_path: Path) -> None:
     """hydra/launcher=ray with a local Ray instance (the README's Ray command without an address):
     each job a Ray task, every run logged under one parent."""
-    launcher = ["hydra/launcher=ray", "+hydra.launcher.ray.init.num_cpus=2"]
-    result = _cli("train", "-m", *FAST, "study=ray", "seed=0,1", *launcher, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result, _ = _two_seed_sweep(store, tmp_path, "ray", "hydra/launcher=ray", "+hydra.launcher.ray.init.num_cpus=2")
     assert "Ray Launcher is launching 2 jobs" in result.stdout + result.stderr
-    runs = _runs(store, "ray")
-    (parent,) = [r for r in runs if r.data.tags["transferlab.role"] == "sweep"]
-    jobs = [r for r in runs if r.data.tags["transferlab.role"] == "job"]
-    assert sorted(r.data.params["seed"] for r in jobs) == ["0", "1"]
-    assert {r.info.status for r in runs} == {"FINISHED"}
-    assert {r.data.tags["mlflow.parentRunId"] for r in jobs} == {parent.info.run_id}
-    assert "sweep ray: 2 finished, 0 failed, 0 skipped of 2" in result.stdout
 
 
 @pytest.mark.slow
@@ -209,21 +196,13 @@ def test_two_jobs_of_two_ddp_ranks_each_through_submitit(store: str, tmp_path: P
     two ranks, which form one DDP group per job and leave exactly one MLflow run per job."""
     ddp = ["trainer.devices=2", "trainer.strategy=ddp", "finetune=head_then_all", "finetune.head_epochs=1"]
     launcher = ["hydra/launcher=local_ddp", "hydra.launcher.timeout_min=10"]
-    result = _cli(
-        "train", "-m", *FAST, "study=ddp_sweep", "seed=0,1", "trainer.max_epochs=2", *ddp, *launcher, cwd=tmp_path
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    runs = _runs(store, "ddp_sweep")
-    jobs = [r for r in runs if r.data.tags["transferlab.role"] == "job"]
-    assert sorted(r.data.params["seed"] for r in jobs) == ["0", "1"]  # one run per job, not per rank
-    assert {r.info.status for r in runs} == {"FINISHED"}
+    _, jobs = _two_seed_sweep(store, tmp_path, "ddp_sweep", "trainer.max_epochs=2", *ddp, *launcher)
     client = mlflow.MlflowClient(store)
     for job in jobs:
         # two ranks split the data (each image once per epoch) and stay in sync after the unfreeze
         assert job.data.metrics["compute/train_samples"] == 2 * job.data.metrics["data/train_size"]
         divergence = client.get_metric_history(job.info.run_id, "ddp/param_divergence")
         assert [m.value for m in divergence] == [0.0, 0.0]
-    assert "sweep ddp_sweep: 2 finished, 0 failed, 0 skipped of 2" in result.stdout
 
 
 def test_bad_overrides_fail_before_training_with_one_line(tmp_path: Path) -> None:
