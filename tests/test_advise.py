@@ -97,11 +97,13 @@ def test_bad_input_is_one_line(capsys: pytest.CaptureFixture) -> None:
 
     assert main(["advise", "data=nope"]) == 2
     assert main(["advise", "data=digits", "--small-per-class", "0"]) == 2
+    assert main(["advise", "data=digits", "--similar-knn-gain-pts", "nan"]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
-    assert len(errors) == 2
+    assert len(errors) == 3
     assert errors[0].startswith("transferlab advise: error:")
     assert "nope" in errors[0]
     assert "--small-per-class=0" in errors[1]
+    assert "--similar-knn-gain-pts=nan must be a number" in errors[2]
 
 
 def test_verifying_commands():

@@ -56,8 +56,12 @@ class Settings:
     def __post_init__(self) -> None:
         if self.small_per_class < 1 or self.knn_k < 1:
             raise ConfigError(f"--small-per-class={self.small_per_class} and k={self.knn_k} must be >= 1")
-        if not (self.different_loss_pts >= 0 and np.isfinite(self.similar_knn_gain_pts)):
+        if not self.different_loss_pts >= 0:
             raise ConfigError(f"--different-loss-pts={self.different_loss_pts} must be >= 0 (pts of val accuracy)")
+        if not np.isfinite(self.similar_knn_gain_pts):
+            raise ConfigError(
+                f"--similar-knn-gain-pts={self.similar_knn_gain_pts} must be a number (pts of k-NN accuracy)"
+            )
 
 
 @dataclass

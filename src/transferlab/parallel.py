@@ -66,27 +66,26 @@ def job_resources(cfg: DictConfig, sweep_dir: Path | None) -> Iterator[list[int]
             _assigned.devices = None
 
 
-def join_submitit_tasks() -> int | None:
+def join_submitit_tasks() -> None:
     """A submitit job with several tasks (`hydra.launcher.tasks_per_node` > 1) is one DDP job:
     export torch's env:// variables from submitit's job environment, so Lightning takes the
     tasks as its ranks instead of starting its own (on SLURM its SLURM environment does this).
-    Returns the rank, or None outside such a job. Call before anything logs or builds."""
+    Outside such a job it does nothing. Call before anything logs or builds."""
     if "SLURM_JOB_ID" in os.environ or "LOCAL_RANK" in os.environ:
-        return None
+        return
     try:
         import submitit
 
         tasks = submitit.JobEnvironment()
     except (ImportError, RuntimeError):  # not installed, or not inside a submitit job
-        return None
+        return
     if tasks.num_tasks < 2:
-        return None
+        return
     # Every GPU stays visible: Lightning picks the rank's device from LOCAL_RANK.
     dist = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     rank_zero_only.rank = dist.rank  # read at import, before these variables existed
     if not torch.cuda.is_available():  # the job's ranks share the cores
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.local_world_size))
-    return dist.rank
+        torch.set_num_threads(threads_per_job(dist.local_world_size))
 
 
 def assigned_devices(configured: int | str | list) -> int | str | list:
