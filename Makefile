@@ -41,7 +41,7 @@ report: install
 docs: report
 	# Copy reports/default into docs/ and regenerate the README's results block from it
 	# (tests/test_docs.py fails when they disagree).
-	$(BIN)/python -m transferlab.docs reports/default
+	$(BIN)/python -m transferlab.studies.readme_results reports/default
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

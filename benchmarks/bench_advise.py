@@ -26,9 +26,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{Path(tmp) / 'mlflow.db'}"
         os.chdir(tmp)
-        from transferlab.advise import Settings, advise_target
         from transferlab.config import compose_config
-        from transferlab.train import run
+        from transferlab.jobs.run import run
+        from transferlab.studies.advise import Settings, advise_target
 
         target = ["study=bench", f"data={opts.data}", f"data.samples_per_class={opts.per_class}"]
         compose_config(target)  # warm Hydra and the store before timing

@@ -30,9 +30,9 @@ from PIL import Image
 
 from transferlab.config import compose_config
 from transferlab.data import build_datamodule
-from transferlab.model import TransferModule
-from transferlab.stages import map_stages
-from transferlab.weights import create_backbone, input_spec
+from transferlab.transfer.backbone import create_backbone, input_spec
+from transferlab.transfer.module import TransferModule
+from transferlab.transfer.stages import map_stages
 
 N_IMAGES = int(os.environ.get("BENCH_IMAGES", 20_000))
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,9 +139,9 @@ t0 = time.perf_counter()
 import pytorch_lightning as pl, torch
 from transferlab.config import compose_config
 from transferlab.data import build_datamodule
-from transferlab.model import TransferModule
-from transferlab.stages import map_stages
-from transferlab.weights import create_backbone, input_spec
+from transferlab.transfer.module import TransferModule
+from transferlab.transfer.stages import map_stages
+from transferlab.transfer.backbone import create_backbone, input_spec
 t_import = time.perf_counter() - t0
 root, cache, budget, epoch = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4] == "1"
 cfg = compose_config(["backbone.weights=scratch", "data=imagefolder", f"data.root={root}", "data.crop_pct=1.0",

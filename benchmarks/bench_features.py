@@ -32,7 +32,7 @@ EPOCHS = 2
 
 def probe_epoch_seconds(name: str, px: int, data: list[str], root: Path) -> dict[str, float]:
     from transferlab.config import compose_config
-    from transferlab.train import run
+    from transferlab.jobs.run import run
 
     base = [
         f"backbone.name={name}",

@@ -13,7 +13,7 @@ import time
 import timm
 import torch
 
-from transferlab.compute import forward_flops, layer_costs, training_flops_per_sample
+from transferlab.transfer.compute import forward_flops, layer_costs, training_flops_per_sample
 
 CASES = [("resnet18", 64, 32), ("test_resnet", 32, 64)]  # model, image px, batch
 WARMUP, MIN_REPS, MAX_REPS, SECONDS_PER_CASE = 2, 3, 200, 20.0

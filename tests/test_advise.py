@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from transferlab.advise import Settings, advise, candidate_label, decide, expand, target_label, verify_commands
-from transferlab.report import label_runs
+from transferlab.studies.advise import Settings, advise, candidate_label, decide, expand, target_label, verify_commands
+from transferlab.studies.report import label_runs
 
 
 def _rows(candidate: str, probes: list[float], stages=("stem", "stage1", "stage2")) -> list[dict]:

@@ -51,9 +51,9 @@ def _log_sweep(study: str) -> None:
     made-up metrics instead of training: the UI is under test here, not the training
     (tests/test_e2e.py checks that a real multirun logs the same fields)."""
     from transferlab.config import compose_config
-    from transferlab.identity import condition_hash, flatten, job_run_name
-    from transferlab.report import write_report
-    from transferlab.tracking import RunTracker, tracking_uri
+    from transferlab.studies.report import write_report
+    from transferlab.tracking.identity import condition_hash, flatten, job_run_name
+    from transferlab.tracking.run import RunTracker, tracking_uri
 
     base = compose_config([*FAST, f"study={study}"])
     parent = RunTracker(base.tracking)
@@ -109,7 +109,7 @@ def served_sweep(store: str, tmp_path: Path):
 def test_runs_view_shows_the_sweep_its_runs_and_key_columns(served_sweep) -> None:
     from playwright.sync_api import sync_playwright
 
-    from transferlab.links import ui_url
+    from transferlab.tracking.links import ui_url
 
     links, log = served_sweep
     runs_link = next(link for link in links if "workflowType=machine_learning" in link)

@@ -11,7 +11,7 @@ import torch
 from test_data import RGB16, folder_cfg, write_images
 from transferlab.cache import verify
 from transferlab.data import build_datamodule
-from transferlab.features import cached_features
+from transferlab.transfer.features import cached_features
 
 
 def _truncate(path: Path) -> None:

@@ -70,7 +70,7 @@ def test_imagefolder_with_hostile_class_names_trains_and_logs(store, tmp_path):
         folder.mkdir(parents=True)
         for i in range(6):
             Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    from transferlab.train import run
+    from transferlab.jobs.run import run
 
     overrides = [o for o in FAST if not o.startswith(("data=", "data.samples_per_class"))]
     cfg = compose_config(

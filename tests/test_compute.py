@@ -4,7 +4,7 @@ import timm
 import torch
 from torch import nn
 
-from transferlab.compute import (
+from transferlab.transfer.compute import (
     FitTimer,
     forward_flops,
     layer_costs,
@@ -163,7 +163,7 @@ def test_peak_memory_is_per_job_after_a_reset():
     """A sweep runs many jobs in one process: each must report its own peak, not the maximum so far."""
     import numpy as np
 
-    from transferlab.compute import reset_peak_memory
+    from transferlab.transfer.compute import reset_peak_memory
 
     big = np.ones(300 * 2**20 // 8)  # 300 MiB touched
     before = peak_memory_mb()["rss_peak_mb"]

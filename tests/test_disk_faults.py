@@ -13,8 +13,8 @@ from test_lineage import JOB
 from transferlab.cli import main
 from transferlab.config import compose_config
 from transferlab.errors import TransferlabError
-from transferlab.pretrain import ensure_source
-from transferlab.train import run
+from transferlab.jobs.run import run
+from transferlab.jobs.upstream import ensure_source
 
 
 def _statuses(uri: str, experiment: str) -> list[str]:
@@ -56,11 +56,11 @@ def test_disk_full_while_caching_a_source_leaves_no_entry(store, tmp_path, monke
     with monkeypatch.context() as patch:
         patch.setattr(mlflow.MlflowClient, "log_artifact", _disk_full)
         with pytest.raises(TransferlabError, match="No space left on device"):
-            ensure_source(cfg)
+            ensure_source(cfg, train=run)
     sources = tmp_path / ".transferlab" / "sources"
     assert [p.name for p in sources.iterdir() if not p.name.endswith(".lock")] == []  # no entry, no temp folder
     assert _statuses(store, "sources") == ["FAILED"]
-    weights, _ = ensure_source(cfg)  # a later run builds it whole
+    weights, _ = ensure_source(cfg, train=run)  # a later run builds it whole
     assert weights.is_file()
     assert sorted(_statuses(store, "sources")) == ["FAILED", "FINISHED"]
     assert Path(weights).stat().st_size > 0

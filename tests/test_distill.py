@@ -17,10 +17,12 @@ from torch import nn
 from conftest import FAST
 from transferlab.config import compose_config, validate
 from transferlab.data import InputSpec
-from transferlab.distill import DistillModule, Teacher, kd_loss, load_teacher
 from transferlab.errors import ConfigError
-from transferlab.model import TransferModule
-from transferlab.stages import map_stages
+from transferlab.jobs.run import run
+from transferlab.jobs.upstream import resolve_teacher
+from transferlab.transfer.distill import DistillModule, Teacher, kd_loss, load_teacher
+from transferlab.transfer.module import TransferModule
+from transferlab.transfer.stages import map_stages
 
 SIZE = 32
 SPEC = InputSpec(SIZE, 3, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "bilinear")
@@ -125,13 +127,14 @@ def test_teacher_loads_a_logged_transferlab_model_and_checks_classes(cfg, pristi
         {"finetune": {"teacher": {"weights": str(path), "name": "test_resnet"}}},
     )
     spec = InputSpec(SIZE, 3, tuple(pristine.pretrained_cfg["mean"]), tuple(pristine.pretrained_cfg["std"]), "bilinear")
-    teacher, tags = load_teacher(job, spec, num_classes=2)
+    weights = resolve_teacher(job, train=run)
+    teacher, tags = load_teacher(weights, spec, num_classes=2)
     x = torch.randn(3, 3, SIZE, SIZE)
     with torch.no_grad():
         assert torch.allclose(teacher(x), trained(x), atol=1e-5)
     assert tags["transferlab.teacher.name"] == "test_resnet"
     with pytest.raises(ConfigError, match="teacher predicts 2 classes but the data has 5"):
-        load_teacher(job, spec, num_classes=5)
+        load_teacher(weights, spec, num_classes=5)
 
 
 @pytest.mark.parametrize(
@@ -150,8 +153,6 @@ def test_bad_distillation_settings_fail_validation(override: str, message: str) 
 
 @pytest.mark.slow
 def test_distill_job_trains_its_teacher_once_and_counts_its_forward(store: str) -> None:
-    from transferlab.train import run
-
     teacher = "finetune.teacher.overrides=['backbone.weights=scratch','finetune=fine_tune']"
     common = [*FAST, "study=kd", "finetune=distill", teacher, "backbone.name=test_efficientnet"]
     kd = run(compose_config(common))
@@ -178,8 +179,8 @@ def test_distill_job_trains_its_teacher_once_and_counts_its_forward(store: str) 
 def test_report_marks_distillation_with_the_teachers_own_training() -> None:
     import pandas as pd
 
-    from transferlab.plot import TEACHER_LABEL, accuracy_figure
-    from transferlab.report import summarize
+    from transferlab.studies.plot import TEACHER_LABEL, accuracy_figure
+    from transferlab.studies.report import summarize
 
     def row(strategy: str, seed: int, acc: float, flops: float, teacher: float) -> dict:
         params = {"data.name": "similar", "finetune.strategy": strategy}

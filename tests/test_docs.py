@@ -8,8 +8,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from transferlab.docs import BEGIN, END, ROOT, readme_block, recorded, results_block, update_docs
-from transferlab.report import results_table
+from transferlab.studies.readme_results import BEGIN, END, ROOT, readme_block, recorded, results_block, update_docs
+from transferlab.studies.report import results_table
 
 RECORDED_RUN = ROOT / "docs" / "default_summary.csv"
 needs_recorded_run = pytest.mark.skipif(

@@ -15,8 +15,8 @@ import pytest
 from conftest import FAST
 from transferlab.config import compose_config
 from transferlab.errors import ConfigError
-from transferlab.reproduce import check_targets, reproduce
-from transferlab.train import run
+from transferlab.jobs.reproduce import check_targets, reproduce
+from transferlab.jobs.run import run
 
 pytestmark = pytest.mark.slow
 

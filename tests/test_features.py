@@ -14,12 +14,12 @@ from omegaconf import OmegaConf
 
 from conftest import FAST
 from test_stages import FAMILIES, backbone
-from transferlab import features as feat
 from transferlab.config import compose_config
 from transferlab.data import InputSpec, build_datamodule
 from transferlab.data.transforms import BatchTransform
-from transferlab.model import TransferModule
-from transferlab.train import run
+from transferlab.jobs.run import run
+from transferlab.transfer import features as feat
+from transferlab.transfer.module import TransferModule
 
 pytestmark = pytest.mark.usefixtures("native_cpu_kernels")
 
@@ -231,7 +231,7 @@ def test_report_counts_the_build_once_beside_head_only_training_flops():
     import pandas as pd
 
     from test_report import _run
-    from transferlab.report import render_markdown, summarize
+    from transferlab.studies.report import render_markdown, summarize
 
     runs = [_run("probe", seed, 0.8, flops=1e6) | {"cache_build_flops": 5e9 if seed == 0 else 0.0} for seed in range(3)]
     runs += [_run("fine_tune", seed, 0.9) for seed in range(3)]

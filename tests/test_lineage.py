@@ -18,9 +18,9 @@ from conftest import FAST
 from transferlab.cache import ensure
 from transferlab.config import compose_config
 from transferlab.errors import ConfigError
-from transferlab.pretrain import WEIGHTS, ensure_source, source_entry
-from transferlab.reproduce import reproduce, source_weights
-from transferlab.train import run
+from transferlab.jobs.reproduce import reproduce, source_weights
+from transferlab.jobs.run import run
+from transferlab.jobs.upstream import WEIGHTS, ensure_source, source_entry
 
 TINY_SOURCE = (
     "backbone.source_overrides=['data.samples_per_class=5','trainer.max_epochs=1','trainer.min_steps=0',"
@@ -56,10 +56,10 @@ def test_reproduce_falls_back_to_the_cached_source_by_config_hash(tmp_path, cfg)
 @pytest.mark.slow
 def test_truncated_source_model_is_retrained_not_loaded(store: str) -> None:
     cfg = compose_config(JOB)
-    weights, tags = ensure_source(cfg)
+    weights, tags = ensure_source(cfg, train=run)
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])  # as after a crash or a full disk
-    again, new_tags = ensure_source(cfg)
+    again, new_tags = ensure_source(cfg, train=run)
     assert again == weights
     load_file(str(again))  # a whole safetensors file again
     assert len(_runs(store, "sources")) == 2

@@ -11,8 +11,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from transferlab import parallel
-from transferlab.parallel import assigned_devices, gpu_slots, job_resources, threads_per_job
+from transferlab.jobs import parallel
+from transferlab.jobs.parallel import assigned_devices, gpu_slots, job_resources, threads_per_job
 
 
 def test_gpu_slots_are_disjoint_groups() -> None:
@@ -75,7 +75,7 @@ def test_one_job_at_a_time_keeps_the_configured_devices(tmp_path, monkeypatch) -
 WRITER = """
 import sys, time
 from omegaconf import OmegaConf
-from transferlab.tracking import RunTracker
+from transferlab.tracking.run import RunTracker
 tracker = RunTracker(OmegaConf.create({"uri": sys.argv[1], "experiment": "writers", "artifact_root": None,
                                        "retry_seconds": 30, "fallback_dir": sys.argv[3]}))
 tracker.start(f"w{sys.argv[2]}", {"writer": sys.argv[2]})
@@ -90,7 +90,7 @@ tracker.end()
 @pytest.mark.slow
 def test_parallel_writers_lose_nothing(store, tmp_path) -> None:
     """Four processes log into one SQLite store (WAL) at once: every run, param and metric arrives."""
-    from transferlab.tracking import experiment_id
+    from transferlab.tracking.run import experiment_id
 
     cfg = OmegaConf.create({"uri": store, "experiment": "writers", "artifact_root": None})
     experiment_id(cfg)  # the sweep creates the store and experiment before its jobs start

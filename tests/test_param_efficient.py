@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
-from transferlab.compute import layer_costs, training_flops_per_sample
 from transferlab.data import InputSpec
-from transferlab.param_efficient import add_lora, build_bitfit, build_lora, merge_lora
-from transferlab.stages import map_stages
+from transferlab.transfer.compute import layer_costs, training_flops_per_sample
+from transferlab.transfer.param_efficient import add_lora, build_bitfit, build_lora, merge_lora
+from transferlab.transfer.stages import map_stages
 
 SIZE = 32
 SPEC = InputSpec(SIZE, 3, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "bilinear")
@@ -158,7 +158,7 @@ def test_bitfit_and_lora_jobs_log_what_trains_and_cost_less_than_fine_tuning(sto
 
     from conftest import FAST
     from transferlab.config import compose_config
-    from transferlab.train import run
+    from transferlab.jobs.run import run
 
     full = run(compose_config([*FAST, "study=peft"]))
     bitfit = run(compose_config([*FAST, "study=peft", "finetune.strategy=bitfit"]))

@@ -10,9 +10,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from scipy import stats
 
 from transferlab.errors import ConfigError
-from transferlab.plot import accuracy_figure, pareto_front, spread_equal_x
-from transferlab.report import render_markdown, summarize, write_report
-from transferlab.stats import ci_halfwidth, holm, verdict
+from transferlab.studies.plot import accuracy_figure, pareto_front, spread_equal_x
+from transferlab.studies.report import render_markdown, summarize, write_report
+from transferlab.studies.stats import ci_halfwidth, holm, verdict
 
 
 def _run(strategy: str, seed: int, acc: float, data: str = "similar", size: int = 30, flops=None, **params):

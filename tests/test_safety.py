@@ -13,8 +13,8 @@ from conftest import FAST
 from transferlab.cli import main
 from transferlab.config import compose_config, validate
 from transferlab.errors import ConfigError
-from transferlab.reproduce import check_targets, localize_paths
-from transferlab.weights import build_model, load_weights
+from transferlab.jobs.reproduce import check_targets, localize_paths
+from transferlab.transfer.backbone import build_model, load_weights
 
 
 class Evil:

@@ -7,13 +7,13 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
 
-from transferlab import speed
 from transferlab.config import compose_config, validate
 from transferlab.data import build_datamodule
 from transferlab.errors import ConfigError
-from transferlab.model import TransferModule
-from transferlab.stages import map_stages
-from transferlab.weights import create_backbone, input_spec
+from transferlab.transfer import speed
+from transferlab.transfer.backbone import create_backbone, input_spec
+from transferlab.transfer.module import TransferModule
+from transferlab.transfer.stages import map_stages
 
 
 def trainer_cfg(**values):

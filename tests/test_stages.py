@@ -9,9 +9,9 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from transferlab.errors import ConfigError
-from transferlab.finetune import target_trainable
-from transferlab.model import TransferModule
-from transferlab.stages import StageMap, map_stages, stage_names
+from transferlab.transfer.module import TransferModule
+from transferlab.transfer.schedule import target_trainable
+from transferlab.transfer.stages import StageMap, map_stages, stage_names
 
 # One tiny model per family, with the stage count timm's coarse grouping gives it.
 FAMILIES = {

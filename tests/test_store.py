@@ -245,9 +245,9 @@ def test_store_larger_than_ram_budget_trains_with_bounded_memory(tmp_path, monke
     import pytorch_lightning as pl
 
     from transferlab.config import compose_config
-    from transferlab.model import TransferModule
-    from transferlab.stages import map_stages
-    from transferlab.weights import create_backbone
+    from transferlab.transfer.backbone import create_backbone
+    from transferlab.transfer.module import TransferModule
+    from transferlab.transfer.stages import map_stages
 
     monkeypatch.setitem(SOURCES, "digits", _fake_big_source(1000, 188))
     cfg = compose_config(

@@ -7,8 +7,8 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from conftest import FAST
 from transferlab.config import compose_config
-from transferlab.identity import condition_hash, config_hash, flatten
-from transferlab.tracking import RunTracker, experiment_id, tracking_uri
+from transferlab.tracking.identity import condition_hash, config_hash, flatten
+from transferlab.tracking.run import RunTracker, experiment_id, tracking_uri
 
 
 @pytest.fixture(scope="module")
@@ -72,12 +72,12 @@ def test_only_rank_zero_creates_runs(store, cfg, monkeypatch) -> None:
 
 
 def test_failed_run_is_marked_failed(store, monkeypatch) -> None:
-    from transferlab import train
+    from transferlab.jobs import run as train
 
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(train, "_fit_and_test", boom)
+    monkeypatch.setattr(train, "fit_and_test", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         train.run(compose_config([*FAST, "study=fails"]))
     client = mlflow.MlflowClient(store)
@@ -86,7 +86,7 @@ def test_failed_run_is_marked_failed(store, monkeypatch) -> None:
 
 
 def test_resume_skips_a_job_that_already_finished(store) -> None:
-    from transferlab.train import run
+    from transferlab.jobs.run import run
 
     cfg = compose_config([*FAST, "study=resume", "tracking.resume=true"])
     first = run(cfg)
@@ -100,8 +100,8 @@ def test_resume_skips_a_job_that_already_finished(store) -> None:
 
 
 def test_training_semantics_version_is_part_of_every_hash(cfg, monkeypatch) -> None:
-    from transferlab import identity
-    from transferlab.pretrain import source_config
+    from transferlab.jobs.upstream import source_config
+    from transferlab.tracking import identity
 
     source_cfg = compose_config([*FAST, "backbone=resnet18", "backbone.weights=source"])
     now = (config_hash(cfg), condition_hash(cfg), config_hash(source_config(source_cfg)))
@@ -111,8 +111,8 @@ def test_training_semantics_version_is_part_of_every_hash(cfg, monkeypatch) -> N
 
 
 def test_resume_never_returns_a_run_made_by_older_training_code(store, monkeypatch) -> None:
-    from transferlab import identity
-    from transferlab.train import run
+    from transferlab.jobs.run import run
+    from transferlab.tracking import identity
 
     cfg = compose_config([*FAST, "study=semantics", "tracking.resume=true"])
     with monkeypatch.context() as patch:

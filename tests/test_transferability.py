@@ -8,7 +8,7 @@ from scipy import optimize, stats
 from sklearn.linear_model import Ridge, RidgeClassifier
 
 from transferlab.errors import ConfigError
-from transferlab.transferability import (
+from transferlab.studies.transferability import (
     best_ridge_penalty,
     knn_accuracy,
     logme,

@@ -15,9 +15,9 @@ from torch.utils.data import TensorDataset
 from conftest import FAST
 from transferlab.config import compose_config, validate
 from transferlab.errors import ConfigError
-from transferlab.model import TransferModule
-from transferlab.stages import map_stages
-from transferlab.wise import evaluate, interpolate, snapshot
+from transferlab.transfer.module import TransferModule
+from transferlab.transfer.stages import map_stages
+from transferlab.transfer.wise import evaluate, interpolate, snapshot
 
 SIZE = 32
 
@@ -82,7 +82,7 @@ def test_alphas_outside_0_1_fail_validation() -> None:
 
 @pytest.mark.slow
 def test_wise_job_logs_each_alpha_and_reports_the_best_val_alpha(store: str) -> None:
-    from transferlab.train import run
+    from transferlab.jobs.run import run
 
     metrics = run(compose_config([*FAST, "study=wise", "finetune.wise_alphas=[0.0,0.5,1.0]"]))
     client = mlflow.MlflowClient(store)

@@ -104,8 +104,8 @@ def _check_keys(overrides: list[str]) -> None:
 def _probe_services(combos: list) -> None:
     """Once per sweep, before Hydra starts a job: the tracking store answers, and the model hub
     does when a job wants hub weights (else offline mode, so cached weights load at once)."""
-    from transferlab.probes import check_devices, check_store, check_writable, ensure_hub_or_offline
-    from transferlab.tracking import tracking_uri
+    from transferlab.preflight import check_devices, check_store, check_writable, ensure_hub_or_offline
+    from transferlab.tracking.run import tracking_uri
 
     for cfg in combos:
         check_devices(cfg.trainer)
@@ -125,7 +125,7 @@ def _hydra(args: list[str]) -> int:
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)
     def task(cfg) -> float:
-        from transferlab.execution import run_job
+        from transferlab.jobs.task import run_job
 
         try:
             return run_job(cfg)
@@ -135,8 +135,8 @@ def _hydra(args: list[str]) -> int:
         finally:
             _end_distributed()
 
-    from transferlab.execution import print_interrupted
-    from transferlab.sweep import SweepCallback
+    from transferlab.jobs.ledger import print_interrupted
+    from transferlab.studies.sweep import SweepCallback
 
     sys.argv = [sys.argv[0], *args]
     SweepCallback.ledger, SweepCallback.failed = None, 0
@@ -162,12 +162,13 @@ def _end_distributed() -> None:
 
 def _pretrain(args: list[str]) -> int:
     from transferlab.config import compose_config, validate
-    from transferlab.pretrain import ensure_source
+    from transferlab.jobs.run import run
+    from transferlab.jobs.upstream import ensure_source
 
     _check_keys(args)
     cfg = compose_config(args)
     validate(cfg)
-    weights, tags = ensure_source(cfg)
+    weights, tags = ensure_source(cfg, train=run)
     print(f"source model: {weights}\nMLflow run: {tags['transferlab.source_run_id']}")
     return 0
 
@@ -175,7 +176,7 @@ def _pretrain(args: list[str]) -> int:
 def _stages(args: list[str]) -> int:
     import timm
 
-    from transferlab.stages import format_table, map_stages, stage_table
+    from transferlab.transfer.stages import format_table, map_stages, stage_table
 
     parser = argparse.ArgumentParser(prog="transferlab stages", description="Print a backbone's stage table.")
     parser.add_argument("backbone", help="timm model name, e.g. resnet18")
@@ -192,7 +193,7 @@ def _stages(args: list[str]) -> int:
 
 
 def _advise(args: list[str]) -> int:
-    from transferlab.advise import Settings, advise
+    from transferlab.studies.advise import Settings, advise
 
     parser = argparse.ArgumentParser(
         prog="transferlab advise",
@@ -216,7 +217,7 @@ def _advise(args: list[str]) -> int:
 
 
 def _report(args: list[str]) -> int:
-    from transferlab.report import write_report
+    from transferlab.studies.report import write_report
 
     parser = argparse.ArgumentParser(prog="transferlab report", description="Accuracy-vs-compute report of a study.")
     parser.add_argument("--experiment", default="default", help="study / MLflow experiment name")
@@ -230,7 +231,7 @@ def _report(args: list[str]) -> int:
 
 
 def _reproduce(args: list[str]) -> int:
-    from transferlab.reproduce import reproduce
+    from transferlab.jobs.reproduce import reproduce
 
     parser = argparse.ArgumentParser(
         prog="transferlab reproduce", description="Rerun a logged run from its MLflow config."
@@ -247,8 +248,8 @@ def _ui(args: list[str]) -> int:
     import mlflow
     from omegaconf import OmegaConf
 
-    from transferlab.links import chart_url, set_default_view, ui_url
-    from transferlab.tracking import tracking_uri
+    from transferlab.tracking.links import chart_url, set_default_view, ui_url
+    from transferlab.tracking.run import tracking_uri
 
     parser = argparse.ArgumentParser(prog="transferlab ui", description="MLflow UI on the local store.")
     parser.add_argument("--port", type=int, default=5000)

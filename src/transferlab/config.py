@@ -2,24 +2,26 @@
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-from transferlab import wise
 from transferlab.data import validate_data_config
 from transferlab.errors import ConfigError
-from transferlab.finetune import SCHEDULES, target_trainable
-from transferlab.model import OPTIMIZERS
-from transferlab.routes import route_for
 from transferlab.schema import check_fields
-from transferlab.speed import validate_speed_config
-from transferlab.stages import map_stages
-from transferlab.weights import build_model, validate_backbone_config
+from transferlab.transfer import wise
+from transferlab.transfer.backbone import build_model, validate_backbone_config
+from transferlab.transfer.routes import route_for
+from transferlab.transfer.schedule import target_trainable
+from transferlab.transfer.speed import validate_speed_config
+from transferlab.transfer.stages import map_stages
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
@@ -47,21 +49,35 @@ def one_line(err: BaseException) -> str:
     )
 
 
+def parse_sweep(overrides: list[str], grid: Mapping[str, Any] | None = None) -> tuple[list[str], dict[str, list[str]]]:
+    """The one reading of a multirun's grid: (fixed overrides, {swept key: its values}). `grid` is
+    an experiment's `hydra.sweeper.params`; the command line overrides it key by key, as in Hydra."""
+    parser = OverridesParser.create()
+    parsed = parser.parse_overrides(list(overrides))
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+    on_command_line = {o.get_key_element() for o in parsed}
+    sweeps: dict[str, list[str]] = {}
+    for key, value in (grid or {}).items():
+        if key in on_command_line:
+            continue
+        override = parser.parse_override(f"{key}={value}")
+        sweeps[key] = list(override.sweep_string_iterator()) if override.is_sweep_override() else [str(value)]
+    sweeps |= {o.get_key_element(): list(o.sweep_string_iterator()) for o in parsed if o.is_sweep_override()}
+    return fixed, sweeps
+
+
+def sweep_grid(overrides: list[str], grid: Mapping[str, Any] | None = None) -> tuple[int, list[str]]:
+    """(number of jobs, keys that vary) of a multirun."""
+    _, sweeps = parse_sweep(overrides, grid)
+    return math.prod(len(v) for v in sweeps.values()), [k for k, v in sweeps.items() if len(v) > 1]
+
+
 def sweep_choices(overrides: list[str], cfg: DictConfig | None = None) -> list[list[str]]:
     """Override lists that together touch every value of every sweep (command line and an
     experiment's `hydra.sweeper.params`), one sweep value at a time: a bad value in a 100-job
     grid fails before the first job, at the cost of one compose per value, not per job."""
-    parser = OverridesParser.create()
-    parsed = parser.parse_overrides(overrides)
-    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
-    sweeps = {o.get_key_element(): list(o.sweep_string_iterator()) for o in parsed if o.is_sweep_override()}
-    if cfg is not None:
-        for key, value in (OmegaConf.select(cfg, "hydra.sweeper.params") or {}).items():
-            override = parser.parse_override(f"{key}={value}")
-            sweeps.setdefault(
-                key,
-                list(override.sweep_string_iterator()) if override.is_sweep_override() else [str(value)],
-            )
+    grid = OmegaConf.select(cfg, "hydra.sweeper.params") if cfg is not None else None
+    fixed, sweeps = parse_sweep(overrides, grid)
     first = [f"{k}={v[0]}" for k, v in sweeps.items()]
     combos = [fixed + first]
     for key, values in sweeps.items():
@@ -84,12 +100,6 @@ def validate(cfg: DictConfig) -> None:
             f"finetune=scratch with backbone.weights={cfg.backbone.weights}: "
             "drop that override (scratch means random init)"
         )
-    if ft.freeze_depth != "all" and not (isinstance(ft.freeze_depth, int) and ft.freeze_depth >= 0):
-        raise ConfigError(f"finetune.freeze_depth={ft.freeze_depth!r} is invalid: use an integer >= 0 or 'all'")
-    if cfg.optim.name not in OPTIMIZERS:
-        raise ConfigError(f"optim.name={cfg.optim.name!r} is unknown: use {' or '.join(OPTIMIZERS)}")
-    if cfg.optim.schedule not in SCHEDULES:
-        raise ConfigError(f"optim.schedule={cfg.optim.schedule!r} is unknown: use {' or '.join(SCHEDULES)}")
     route_for(cfg).validate(cfg)
     wise.validate(ft)
 

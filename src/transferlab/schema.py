@@ -15,11 +15,13 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from transferlab.errors import ConfigError
+from transferlab.transfer.module import OPTIMIZERS
+from transferlab.transfer.schedule import SCHEDULES
 
 
 @dataclass(frozen=True)
 class Field:
-    kind: type  # int, float or str (float accepts ints; bools are never numbers)
+    kind: type  # int, float, str or object (float accepts ints; bools are never numbers)
     ok: Callable[[Any], bool] = lambda v: True
     rule: str = ""  # what `ok` requires, said to the user
     example: str = ""
@@ -38,8 +40,18 @@ def _float(rule: str, ok: Callable[[float], bool], example: float, nullable: boo
     return Field(float, lambda v: math.isfinite(v) and ok(v), rule, str(example), nullable)
 
 
+def _depth() -> Field:
+    ok = lambda v: v == "all" or (isinstance(v, int) and v >= 0)  # noqa: E731
+    return Field(object, ok, "an integer >= 0 or 'all'", "2")
+
+
 FIELDS: dict[str, Field] = {
     "seed": _int(0, 0),
+    "optim.name": _choice(*OPTIMIZERS),
+    "optim.schedule": _choice(*SCHEDULES),
+    "finetune.freeze_depth": _depth(),
+    "finetune.temperature": _float("a number > 0 (Hinton et al. use 1-20; timm 4)", lambda v: v > 0, 4),
+    "finetune.alpha": _float("a number in [0, 1] (the soft-target weight)", lambda v: 0 <= v <= 1, 0.5),
     "optim.lr": _float("a number > 0", lambda v: v > 0, 0.001),
     "optim.weight_decay": _float("a number >= 0", lambda v: v >= 0, 0.0001),
     "optim.momentum": _float("a number in [0, 1)", lambda v: 0 <= v < 1, 0.9),

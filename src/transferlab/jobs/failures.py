@@ -1,0 +1,53 @@
+"""Why a job failed, in one line: the failure reason, the NaN guard, the status a run ends with.
+
+A job that raises is recorded (FAILED run, traceback artifact, one-line reason tag); the sweep's
+task body (jobs.task) decides whether the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import traceback
+
+import pytorch_lightning as pl
+import torch
+
+from transferlab import tags
+from transferlab.errors import TransferlabError
+
+REASON_TAG = tags.FAILURE
+
+
+def failure_reason(err: BaseException) -> str:
+    """One line naming what went wrong and, where known, what to change."""
+    if isinstance(err, torch.cuda.OutOfMemoryError):
+        return "CUDA out of memory: lower data.batch_size or use a smaller backbone"
+    if isinstance(err, KeyboardInterrupt):
+        return "interrupted (Ctrl-C)"
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"{type(err).__name__}: {first}"[:500] if first else type(err).__name__
+
+
+class NonFiniteLoss(TransferlabError):
+    """The training loss became NaN or infinite."""
+
+
+class FailOnNonFiniteLoss(pl.Callback):
+    """Fail the job at the first NaN/inf loss instead of training on garbage for hours."""
+
+    def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is not None and not bool(torch.isfinite(loss.detach()).all()):
+            epoch = getattr(module, "epoch_offset", 0) + trainer.current_epoch
+            raise NonFiniteLoss(
+                f"training loss is {float(loss)} at epoch {epoch}, batch {batch_idx}: lower optim.lr or check the data"
+            )
+
+
+def report_failure(err: BaseException) -> tuple[str, str]:
+    """(status, one-line reason) for a job's MLflow run that ended with `err`."""
+    status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+    return status, failure_reason(err)
+
+
+def format_traceback(err: BaseException) -> str:
+    return "".join(traceback.format_exception(type(err), err, err.__traceback__))

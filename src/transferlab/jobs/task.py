@@ -1,0 +1,93 @@
+"""Hydra's task body: one job of a run or sweep, isolated so that a failing job never ends a sweep.
+
+In a multirun a job that raises is recorded and the sweep goes on (Hydra's launchers would abort
+the whole multirun); a single run raises as before. Either way one line says how the job ended.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from pathlib import Path
+
+from omegaconf import DictConfig
+from pytorch_lightning.utilities import rank_zero_only
+
+from transferlab import tags
+from transferlab.jobs.failures import failure_reason
+from transferlab.jobs.ledger import JobRecord, SweepLedger
+from transferlab.jobs.parallel import job_resources, join_submitit_tasks
+from transferlab.jobs.resume import finished_job
+from transferlab.jobs.run import run
+from transferlab.tracking.identity import config_hash, hydra_run
+from transferlab.tracking.links import ui_url
+from transferlab.tracking.run import experiment_id, tracking_uri
+
+
+def quiet_lightning() -> None:
+    """Drop per-job notices that drown the job lines; real warnings still show."""
+    # "GPU available", the litlogger tip, the stepping-batches notice and "`Trainer.fit` stopped"
+    # are all rank_zero_info on this logger.
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    # Lightning's own pytree helper still builds a LeafSpec, which torch deprecated.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+    # Frozen stages are in eval mode on purpose (pretrained BN statistics stay fixed).
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+
+
+def _hydra_job() -> tuple[bool, int, list[str], Path | None]:
+    """(multirun?, job number, the job's overrides, sweep dir) from Hydra's runtime config."""
+    if (hc := hydra_run()) is None:
+        return False, 0, [], None
+    multirun = hc.mode is not None and hc.mode.name == "MULTIRUN"
+    num = int(hc.job.num) if hc.job.get("num") is not None else 0
+    return multirun, num, list(hc.overrides.task), Path(hc.sweep.dir) if multirun else None
+
+
+def run_job(cfg: DictConfig) -> float:
+    """Hydra's task body. In a multirun a failing job is recorded and the sweep goes on; a single
+    run raises as before. Either way one line says how the job ended."""
+    quiet_lightning()
+    join_submitit_tasks()
+    multirun, num, overrides, sweep_dir = _hydra_job()
+    start = time.perf_counter()
+    ledger = SweepLedger(sweep_dir) if multirun and sweep_dir is not None else None
+    record = JobRecord(num, "FINISHED", ledger.varying(overrides) if ledger else " ".join(overrides), 0.0)
+    try:
+        if (done := finished_job(cfg)) is not None:
+            record.status, record.run_id = "SKIPPED", done.info.run_id
+            record.test_acc = float(done.data.metrics.get("test/acc", math.nan))
+        else:
+            with job_resources(cfg, sweep_dir):
+                metrics = run(cfg)
+            record.test_acc = float(metrics.get("test/acc", math.nan))
+    except Exception as err:
+        if not multirun:
+            raise
+        record.status, record.reason = "FAILED", failure_reason(err)
+    record.seconds = time.perf_counter() - start
+    if rank_zero_only.rank != 0:  # DDP ranks of one job: rank 0 speaks for it
+        return record.test_acc
+    client, exp_id = experiment_id(cfg.tracking)
+    if not record.run_id:
+        record.run_id = _latest_run_id(client, exp_id, config_hash(cfg))
+    if ledger is not None:
+        ledger.add(record)
+        print(ledger.progress_line(record), flush=True)
+    else:
+        what = "skipped (already finished)" if record.status == "SKIPPED" else f"finished in {record.seconds:.1f}s"
+        print(
+            f"{what}: test/acc={record.test_acc:.4f} | run {record.run_id} | "
+            f"{ui_url(exp_id, record.run_id, tracking_uri(cfg.tracking))}",
+            flush=True,
+        )
+    return record.test_acc
+
+
+def _latest_run_id(client, exp_id: str, key: str) -> str:
+    query = f"tags.`{tags.CONFIG_HASH}` = '{key}'"
+    found = client.search_runs([exp_id], query, max_results=1, order_by=["attributes.start_time DESC"])
+    return found[0].info.run_id if found else ""
