@@ -19,10 +19,14 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 sweep: install
-	$(BIN)/transferlab pretrain
+	# The silhouette source (EfficientNet-Lite0 trained here on 7 animals); ImageNet comes from the wheel.
+	$(BIN)/transferlab pretrain backbone=efficientnet_lite0_silhouettes
 	# Advice for the study's four targets first (seconds); the report checks it against the grid.
 	$(BIN)/transferlab advise experiment=default
+	# One study, three grids: probes everywhere, fine-tunes and scratch on the small targets.
 	$(BIN)/transferlab train -m experiment=default
+	$(BIN)/transferlab train -m experiment=default_finetune
+	$(BIN)/transferlab train -m experiment=default_scratch
 	@echo "Browse the runs: make ui  (it prints the links to each study's runs table and chart)"
 
 test: install

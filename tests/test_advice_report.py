@@ -157,3 +157,20 @@ def test_load_advice_reads_the_latest_advise_run_per_target(store: str) -> None:
     assert by_key.loc[("stage2", "probe"), "candidate"] == "test_resnet:/w/x.pth"  # slashes survive
     assert by_key.loc[("stem", "logme"), "order"] == 0
     assert load_advice(client, "no such study")[0].empty
+
+
+def test_bigger_imagenet_model_first_ranks_imagenet_candidates_by_size_above_all_others():
+    from transferlab.studies.advice_report import SIZE_BASELINE, with_size_baseline
+
+    scores = pd.DataFrame(
+        [
+            {"target": "t", "candidate": c, "stage": "s", "order": 0, "measure": "params", "score": p}
+            for c, p in [("lite2:pretrained", 6.1e6), ("lite0:pretrained", 4.7e6), ("lite0:source", 4.7e6)]
+        ]
+        + [{"target": "t", "candidate": "lite0:source", "stage": "s", "order": 0, "measure": "knn", "score": 90.0}]
+    )
+    out = with_size_baseline(scores)
+    assert "params" not in set(out["measure"])
+    baseline = out[out["measure"] == SIZE_BASELINE].set_index("candidate")["score"]
+    assert baseline["lite2:pretrained"] > baseline["lite0:pretrained"] > baseline["lite0:source"]
+    assert len(out[out["measure"] == "knn"]) == 1

@@ -9,7 +9,16 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from transferlab.studies.advise import Settings, advise, candidate_label, decide, expand, target_label, verify_commands
+from transferlab.studies.advise import (
+    Settings,
+    advise,
+    candidate_label,
+    decide,
+    expand,
+    render,
+    target_label,
+    verify_commands,
+)
 from transferlab.studies.report import label_runs
 
 
@@ -21,12 +30,14 @@ def _rows(candidate: str, probes: list[float], stages=("stem", "stage1", "stage2
 
 
 def test_targets_come_from_data_sweeps_and_candidates_from_backbone_overrides():
-    targets, candidates = expand(["experiment=default"])
-    assert len(targets) == 4  # data x data.samples_per_class of the default grid; finetune and seed ignored
+    targets, candidates = expand(["experiment=toy"])
+    assert len(targets) == 4  # data x data.samples_per_class of the toy grid; finetune and seed ignored
     assert {tuple(t[1:]) for t in targets} == {
         (f"data={d}", f"data.samples_per_class={n}") for d in ("animals_similar", "digits") for n in ("5", "null")
     }
     assert candidates == [[]]  # the configured backbone
+    _, candidates = expand(["experiment=default"])  # its grid sweeps the source: two candidates
+    assert candidates == [["backbone=efficientnet_lite0"], ["backbone=efficientnet_lite0_silhouettes"]]
     targets, candidates = expand(["data=digits", "backbone.weights=source,scratch", "seed=0,1"])
     assert targets == [["data=digits"]]
     assert candidates == [["backbone.weights=source"], ["backbone.weights=scratch"]]
@@ -124,6 +135,27 @@ def test_verifying_commands():
     mixed = decide("t", 10, _rows("a:source", [50.0, 80.0, 60.0]) + reference + other, Settings())
     assert mixed.best_candidate == "a:source"
     assert verify_commands(mixed, "check", [], [], Settings())[1].count("truncate_after=stem,stage1,null ") == 1
+
+
+def test_a_listed_random_init_candidate_is_the_reference_and_a_candidate() -> None:
+    """`backbone.weights=<file>,scratch`: the scratch candidate's k-NN is the bar (no NaN verdict)
+    and it may still win the ranking."""
+    source = [r | {"listed": True} for r in _rows("a:file", [60.0, 70.0, 65.0])]
+    scratch = [r | {"reference": True, "listed": True} for r in _rows("a:scratch", [50.0, 55.0, 58.0])]
+    advice = decide("t", 10, source + scratch, Settings())
+    assert advice.knn_gain_pts == pytest.approx(65.0 - 58.0)  # last stage k-NN: source minus random init
+    assert "+7.0 pts above that of random-init features" in render(advice, Settings())
+    better = [r | {"probe": r["probe"] + 30} for r in scratch]
+    assert decide("t", 10, source + better, Settings()).best_candidate == "a:scratch"
+
+
+def test_a_verdict_without_a_reference_stage_says_why_not_nan() -> None:
+    other = [r | {"reference": True} for r in _rows("b:scratch", [10.0, 20.0], stages=("x1", "x2"))]
+    advice = decide("t", 10, _rows("a:source", [50.0, 80.0, 60.0]) + other, Settings())
+    text = render(advice, Settings())
+    assert np.isnan(advice.knn_gain_pts)
+    assert "nan" not in text.lower()
+    assert "was not compared with random-init features" in text
 
 
 @pytest.mark.slow

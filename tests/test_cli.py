@@ -43,7 +43,7 @@ def test_experiment_grid_values_are_validated() -> None:
     [
         ("data=nope", "Could not find 'data/nope'"),
         ("optim.lr=0", "optim.lr"),
-        ("optim.schedule=linear", "cosine or constant"),
+        ("optim.schedule=linear", "one of cosine | constant"),
         ("trainer.max_epochs=0", "max_epochs"),
         ("data=imagefolder", "data.root is required"),
     ],

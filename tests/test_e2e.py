@@ -88,23 +88,23 @@ def test_multirun_logs_one_child_run_per_job(store: str, tmp_path: Path) -> None
 
 
 def test_a_failing_job_is_isolated_and_the_sweep_reports_it(store: str, tmp_path: Path) -> None:
-    # 500 digits per class do not exist: the middle job fails when its data is built; the others run on.
-    result = _cli("train", "-m", *FAST, "study=broken", "data.samples_per_class=5,500,6", cwd=tmp_path)
+    # optim.lr=1e30 passes every check before the sweep, then its loss turns NaN at the second
+    # step: the middle job fails while training; the others run on. (Bad data fails before the
+    # first job: tests/test_target.py.)
+    lrs = "optim.lr=0.001,1e30,0.002"
+    result = _cli("train", "-m", *FAST, "data.batch_size=16", "study=broken", lrs, cwd=tmp_path)
     assert result.returncode == 1, result.stderr[-3000:]
     runs = _runs(store, "broken")
-    status = {
-        r.data.tags["transferlab.role"] + ":" + r.data.params.get("data.samples_per_class", "-"): r.info.status
-        for r in runs
-    }
-    assert status == {"sweep:-": "FAILED", "job:5": "FINISHED", "job:500": "FAILED", "job:6": "FINISHED"}
+    status = {r.data.tags["transferlab.role"] + ":" + r.data.params.get("optim.lr", "-"): r.info.status for r in runs}
+    assert status == {"sweep:-": "FAILED", "job:0.001": "FINISHED", "job:1e+30": "FAILED", "job:0.002": "FINISHED"}
     client = mlflow.MlflowClient(store)
     (failed,) = [r for r in runs if r.info.status == "FAILED" and r.data.tags["transferlab.role"] == "job"]
     reason = failed.data.tags["transferlab.failure"]
-    assert reason.startswith("DataError: data.samples_per_class=500")
+    assert reason.startswith("NonFiniteLoss: training loss is nan")
     assert "\n" not in reason
     trace = Path(client.download_artifacts(failed.info.run_id, "error/traceback.txt", str(tmp_path))).read_text()
     assert trace.startswith("Traceback")
-    assert "DataError" in trace
+    assert "NonFiniteLoss" in trace
     (parent,) = [r for r in runs if r.data.tags["transferlab.role"] == "sweep"]
     assert {k: v for k, v in parent.data.metrics.items() if k.startswith("sweep/")} == {
         "sweep/finished": 2,
@@ -113,10 +113,10 @@ def test_a_failing_job_is_isolated_and_the_sweep_reports_it(store: str, tmp_path
     }
     lines = result.stdout.splitlines()
     assert sum(line.startswith("[job ") for line in lines) == 3
-    assert any(line.startswith("[job 3/3] FINISHED data.samples_per_class=6 | test/acc=") for line in lines), lines
+    assert any(line.startswith("[job 3/3] FINISHED optim.lr=0.002 | test/acc=") for line in lines), lines
     (summary,) = [line for line in lines if line.startswith("sweep broken:")]
     assert summary.startswith("sweep broken: 2 finished, 1 failed, 0 skipped of 3")
-    assert "failed: data.samples_per_class=500 (DataError" in summary
+    assert "failed: optim.lr=1e+30 (NonFiniteLoss" in summary
     assert "workflowType=machine_learning" in result.stdout
 
 

@@ -10,7 +10,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "transferlab"
 # Bottom to top: a module may import only from its own layer or the layers before it.
 LAYERS = [
-    "errors tags cache preflight",
+    "errors tags cache preflight console",
     "data",
     "transfer",
     "config schema overrides",

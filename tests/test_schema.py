@@ -31,7 +31,11 @@ OUT_OF_RANGE = {
     "finetune.gradual_every": "0",
     "finetune.head.dropout": "1.0",
     "trainer.max_epochs": "0",
+    "finetune.freeze_depth": "-1",
+    "finetune.temperature": "0",
+    "finetune.alpha": "1.5",
     "trainer.min_steps": "-5",
+    "trainer.stop_after_epochs": "0",
     "trainer.num_nodes": "0",
     "data.batch_size": "0",
     "data.num_workers": "-1",
@@ -44,29 +48,35 @@ def base():
     return compose_config(FAST)
 
 
+def _with(path: str) -> list[str]:
+    """FAST, plus the override that brings a route's own field in (schema.Field.needs)."""
+    return [*FAST, FIELDS[path].needs] if FIELDS[path].needs else FAST
+
+
 def test_every_field_exists_in_the_composed_config(base):
     for path in FIELDS:
-        assert OmegaConf.select(base, path, default="absent") != "absent", path
+        cfg = compose_config(_with(path)) if FIELDS[path].needs else base
+        assert OmegaConf.select(cfg, path, default="absent") != "absent", path
     validate(base)  # the defaults pass
 
 
 @pytest.mark.parametrize("path", FIELDS)
 def test_wrong_type_names_the_field_and_a_fix(base, path):
-    cfg = base.copy()
+    cfg = compose_config(_with(path)) if FIELDS[path].needs else base.copy()
     OmegaConf.update(cfg, path, "abc" if FIELDS[path].kind is not str else "nope")
     with pytest.raises(
         ConfigError, match=rf"^{path.replace('.', '[.]')}='(abc|nope)' is invalid: use .*, e\.g\. "
     ) as err:
         validate(cfg)
     assert "\n" not in str(err.value)
-    example = compose_config([*FAST, f"{path}={FIELDS[path].example}"])
+    example = compose_config([*_with(path), f"{path}={FIELDS[path].example}"])
     validate(example)  # the suggested fix is itself valid
 
 
 @pytest.mark.parametrize("path", [p for p in FIELDS if FIELDS[p].kind is not str])
 def test_out_of_range_names_the_field(path):
     with pytest.raises(ConfigError, match=rf"^{path.replace('.', '[.]')}=.* is invalid"):
-        validate(compose_config([*FAST, f"{path}={OUT_OF_RANGE[path]}"]))
+        validate(compose_config([*_with(path), f"{path}={OUT_OF_RANGE[path]}"]))
 
 
 def test_every_numeric_field_has_an_out_of_range_case():

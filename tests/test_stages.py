@@ -170,3 +170,27 @@ def test_frozen_stages_keep_every_param_and_buffer_bitwise(cfg, name, frozen):
     if target:  # the one trainable stage did train
         last = len(stages.names) - 1
         assert any(not torch.equal(p, initial[n]) for n, p in params.items() if stages.param_stage[n] == last)
+
+
+@pytest.mark.parametrize("name", [*FAMILIES, "tf_efficientnet_lite0"])
+def test_a_share_of_the_depth_cuts_at_a_feature_stage_no_deeper_than_that_share(name):
+    _, stages = _pristine(name)
+    if not stages.feature_index:
+        pytest.skip(f"{name} has no feature outputs")
+    last = len(stages.names) - 1
+    for share in (25, 50, 75, 100):
+        cut = stages.cut_point(f"{share}%") if min(stages.feature_index) <= share / 100 * last else None
+        if cut is None:
+            continue
+        assert cut in stages.feature_index
+        assert cut <= share / 100 * last
+        deeper = [s for s in stages.feature_index if cut < s <= share / 100 * last]
+        assert deeper == []  # the deepest one within the share
+
+
+def test_seventy_five_percent_means_stage3_of_test_resnet_and_stage5_of_efficientnet_lite():
+    assert _pristine("test_resnet")[1].names[_pristine("test_resnet")[1].cut_point("75%")] == "stage3"
+    lite = _pristine("tf_efficientnet_lite0")[1]
+    assert lite.names[lite.cut_point("75%")] == "stage5"
+    with pytest.raises(ConfigError, match="share of the depth"):
+        lite.cut_point("175%")

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from transferlab import console
 from transferlab.errors import TransferlabError
 
 # name -> (what it does, an example); `transferlab` and `transferlab --help` print this table.
@@ -69,8 +70,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args: list[str]) -> int:
-    from transferlab.config import compose_config, sweep_choices, validate, validate_stages
+    from transferlab.config import check_config, compose_config, sweep_choices, validate
 
+    args = _verbosity(args)
     flags = [a for a in args if a.startswith("-")]
     if set(flags) - {"-m", "--multirun"}:  # help, --cfg, --config-dir ...: Hydra's own handling
         return _hydra(args)
@@ -85,12 +87,33 @@ def _train(args: list[str]) -> int:
     for combo in choices:
         _check_keys(combo)
         combos.append(compose_config(combo))
+    for cfg in combos:  # no torch imported yet: typos and bad values answer at once
+        check_config(cfg)
     for cfg in combos:
         validate(cfg)
     _probe_services(combos)
-    for cfg in combos:
-        validate_stages(cfg)
+    _check_targets(combos)
     return _hydra(args)
+
+
+def _verbosity(args: list[str]) -> list[str]:
+    """`-v` / `--verbose` (or TRANSFERLAB_VERBOSE=1): stream every job's epoch lines and the
+    libraries' INFO lines; without it a sweep shows a progress line and one line per job."""
+    if verbose := any(a in ("-v", "--verbose") for a in args):
+        console.set_verbose(True)  # in the environment: launcher workers inherit it
+    console.quiet_libraries()
+    return [a for a in args if a not in ("-v", "--verbose")] if verbose else args
+
+
+def _check_targets(combos: list) -> None:
+    """Data, weights files and teachers of every sweep value, before the first job: a bad data
+    root fails in seconds, not after minutes of source-model pretraining."""
+    from transferlab.jobs.target import check_target
+
+    with console.step("checking data, weights and teachers", total=len(combos), min_seconds=5.0) as advance:
+        for cfg in combos:
+            check_target(cfg)
+            advance(1)
 
 
 def _check_keys(overrides: list[str]) -> None:
@@ -193,7 +216,8 @@ def _stages(args: list[str]) -> int:
 
 
 def _advise(args: list[str]) -> int:
-    from transferlab.studies.advise import Settings, advise
+    from transferlab.config import check_config, compose_config, validate
+    from transferlab.studies.advise import Settings, advise, expand
 
     parser = argparse.ArgumentParser(
         prog="transferlab advise",
@@ -204,7 +228,7 @@ def _advise(args: list[str]) -> int:
     parser.add_argument("--small-per-class", type=int, default=Settings.small_per_class)
     parser.add_argument("--different-loss-pts", type=float, default=Settings.different_loss_pts)
     parser.add_argument("--similar-knn-gain-pts", type=float, default=Settings.similar_knn_gain_pts)
-    opts, rest = parser.parse_known_args(args)
+    opts, rest = parser.parse_known_args(_verbosity(args))
     overrides = [a for a in [*opts.overrides, *rest] if a not in ("-m", "--multirun")]
     _check_keys([o for o in overrides if "," not in o])
     settings = Settings(
@@ -212,6 +236,13 @@ def _advise(args: list[str]) -> int:
         different_loss_pts=opts.different_loss_pts,
         similar_knn_gain_pts=opts.similar_knn_gain_pts,
     )
+    targets, candidates = expand(overrides)
+    combos = [compose_config(t + c) for t in targets for c in candidates]
+    for cfg in combos:
+        check_config(cfg)
+    for cfg in combos:
+        validate(cfg)
+    _check_targets(combos)  # every target's data before a source model is trained or loaded
     advise(overrides, settings)
     return 0
 

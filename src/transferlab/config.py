@@ -13,15 +13,8 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-from transferlab.data import validate_data_config
 from transferlab.errors import ConfigError
 from transferlab.schema import check_fields
-from transferlab.transfer import wise
-from transferlab.transfer.backbone import build_model, validate_backbone_config
-from transferlab.transfer.routes import route_for
-from transferlab.transfer.schedule import target_trainable
-from transferlab.transfer.speed import validate_speed_config
-from transferlab.transfer.stages import map_stages
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
@@ -86,11 +79,24 @@ def sweep_choices(overrides: list[str], cfg: DictConfig | None = None) -> list[l
     return combos
 
 
-def validate(cfg: DictConfig) -> None:
-    """Cheap checks of every group; each failure is one line naming the field and the fix."""
+def check_config(cfg: DictConfig) -> None:
+    """The checks that need no model library (required fields, schema.FIELDS' types and ranges):
+    the CLI runs them on every sweep value before anything imports torch, so they answer at once."""
     if missing := sorted(OmegaConf.missing_keys(cfg)):
         raise ConfigError(f"{missing[0]} is required (it is ???): set it on the command line, e.g. {missing[0]}=...")
-    check_fields(cfg)  # types and ranges (schema.FIELDS); the checks below span fields or registries
+    check_fields(cfg)  # types and ranges (schema.FIELDS); `validate` adds those spanning fields or registries
+
+
+def validate(cfg: DictConfig) -> None:
+    """Cheap checks of every group; each failure is one line naming the field and the fix. The
+    registries it checks against live beside torch, so they are imported here, not at the top."""
+    from transferlab.data import validate_data_config
+    from transferlab.transfer import wise
+    from transferlab.transfer.backbone import validate_backbone_config
+    from transferlab.transfer.routes import route_for
+    from transferlab.transfer.speed import validate_speed_config
+
+    check_config(cfg)
     validate_backbone_config(cfg.backbone)
     validate_data_config(cfg.data)
     validate_speed_config(cfg.trainer)
@@ -100,14 +106,23 @@ def validate(cfg: DictConfig) -> None:
             f"finetune=scratch with backbone.weights={cfg.backbone.weights}: "
             "drop that override (scratch means random init)"
         )
+    if ft.head_solver == "lbfgs" and (ft.head.hidden or ft.cache_features == "off"):
+        raise ConfigError(
+            "finetune.head_solver=lbfgs fits one linear head on cached features: "
+            "set finetune.head.hidden=[] and finetune.cache_features=unaugmented"
+        )
     route_for(cfg).validate(cfg)
     wise.validate(ft)
 
 
-def validate_stages(cfg: DictConfig) -> None:
+def validate_stages(cfg: DictConfig, model: Any = None) -> None:
     """Stage references (`truncate_after`, `trainable_stages`, `freeze_depth`) against the real
-    backbone, built with random weights: catches `stage9` before a sweep starts, not in job 7."""
-    stages = map_stages(build_model(cfg.backbone, pretrained=False))
+    backbone (`model`, else built with random weights): catches `stage9` before a sweep starts."""
+    from transferlab.transfer.backbone import build_model
+    from transferlab.transfer.schedule import target_trainable
+    from transferlab.transfer.stages import map_stages
+
+    stages = map_stages(model if model is not None else build_model(cfg.backbone, pretrained=False))
     cut = cfg.finetune.truncate_after
     kept = len(stages.names) if cut is None else stages.cut_point(cut) + 1
     target_trainable(cfg.finetune, stages, kept)

@@ -87,7 +87,9 @@ def check_store(uri: str) -> None:
     _reachable.add(uri)
 
 
-def check_writable(folder: Path, what: str) -> None:
+def check_writable(
+    folder: Path, what: str, fix: str = "or set tracking.artifact_root to a writable folder in a new study"
+) -> None:
     """Create `folder` and write a probe file in it: a full disk or a read-only location fails
     here, before a run exists, not in the middle of logging one."""
     try:
@@ -97,8 +99,7 @@ def check_writable(folder: Path, what: str) -> None:
         probe.unlink()
     except OSError as err:
         raise ConfigError(
-            f"{what} {folder} is not writable ({err.strerror or err}): free space or fix its permissions, "
-            "or set tracking.artifact_root to a writable folder in a new study"
+            f"{what} {folder} is not writable ({err.strerror or err}): free space or fix its permissions, {fix}"
         ) from err
 
 

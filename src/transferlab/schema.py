@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from transferlab.errors import ConfigError
-from transferlab.transfer.module import OPTIMIZERS
-from transferlab.transfer.schedule import SCHEDULES
+from transferlab.transfer.names import OPTIMIZERS, SCHEDULES
 
 
 @dataclass(frozen=True)
@@ -26,6 +25,7 @@ class Field:
     rule: str = ""  # what `ok` requires, said to the user
     example: str = ""
     nullable: bool = False
+    needs: str = ""  # the override that brings a route's own field into the config (finetune=distill)
 
 
 def _choice(*values: str) -> Field:
@@ -50,8 +50,12 @@ FIELDS: dict[str, Field] = {
     "optim.name": _choice(*OPTIMIZERS),
     "optim.schedule": _choice(*SCHEDULES),
     "finetune.freeze_depth": _depth(),
-    "finetune.temperature": _float("a number > 0 (Hinton et al. use 1-20; timm 4)", lambda v: v > 0, 4),
-    "finetune.alpha": _float("a number in [0, 1] (the soft-target weight)", lambda v: 0 <= v <= 1, 0.5),
+    "finetune.temperature": replace(
+        _float("a number > 0 (Hinton et al. use 1-20; timm 4)", lambda v: v > 0, 4), needs="finetune=distill"
+    ),
+    "finetune.alpha": replace(
+        _float("a number in [0, 1] (the soft-target weight)", lambda v: 0 <= v <= 1, 0.5), needs="finetune=distill"
+    ),
     "optim.lr": _float("a number > 0", lambda v: v > 0, 0.001),
     "optim.weight_decay": _float("a number >= 0", lambda v: v >= 0, 0.0001),
     "optim.momentum": _float("a number in [0, 1)", lambda v: 0 <= v < 1, 0.9),
@@ -66,9 +70,11 @@ FIELDS: dict[str, Field] = {
     "finetune.gradual_every": _int(1, 1),
     "finetune.select": _choice("best", "last"),
     "finetune.cache_features": _choice("auto", "unaugmented", "off"),
+    "finetune.head_solver": _choice("sgd", "lbfgs"),
     "finetune.head.dropout": _float("a number in [0, 1)", lambda v: 0 <= v < 1, 0.1),
     "trainer.max_epochs": _int(1, 6),
     "trainer.min_steps": _int(0, 60, nullable=True),
+    "trainer.stop_after_epochs": _int(1, 2, nullable=True),
     "trainer.num_nodes": _int(1, 1),
     "data.batch_size": _int(1, 64),
     "data.num_workers": _int(0, 0, nullable=True),

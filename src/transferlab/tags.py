@@ -34,6 +34,7 @@ TEACHER_WEIGHTS = tag("teacher.weights")
 TEACHER_NAME = tag("teacher.name")
 TEACHER_RUN_ID = tag("teacher.run_id")
 LORA_LAYERS = tag("lora.layers")
+TRUNCATED_AT = tag("truncated_at")  # the stage a truncated job keeps last (truncate_after resolved)
 CACHE_FEATURES = tag("cache_features")
 FEATURE_CACHE = tag("feature_cache")
 # How a run ended.

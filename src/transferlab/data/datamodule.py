@@ -27,7 +27,7 @@ from transferlab.data.splits import (
     select_classes,
     subset_train,
 )
-from transferlab.data.store import DiskRows, prepare
+from transferlab.data.store import DiskRows, Prepared, prepare
 from transferlab.data.transforms import (
     AUGMENT_PRESETS,
     BatchTransform,
@@ -298,17 +298,9 @@ def _num_workers(cfg: DictConfig, in_ram: bool) -> int:
     return 0 if in_ram else min(8, len(os.sched_getaffinity(0)))
 
 
-def build_datamodule(
-    cfg: DictConfig, spec: InputSpec, seed: int, cache_dir: Path | str | None = None
-) -> TransferDataModule:
-    """Validate, prepare the source once (bad data fails here, not mid-training), split, subset.
-    With `cache_dir`, the decoded source is shared by every job through the prepared store."""
-    cfg = _data_group(cfg)
-    validate_data_config(cfg)
-    if cfg.get("crop_pct") is not None:
-        spec = replace(spec, crop_pct=float(cfg.crop_pct))
-    data = prepare(cfg, spec, cache_dir, float(cfg.get("ram_budget_mb", 1024)))
-    check_channels(data.images.shape[1], spec)
+def _split(cfg: DictConfig, data: Prepared, seed: int) -> tuple[np.ndarray, list[str], np.ndarray, dict]:
+    """Classes, val/test carving and the train subset, from labels alone (no image is read):
+    -> (kept source rows, class names, their labels, {split id: indices into the kept rows})."""
     keep, names = select_classes(data, cfg.get("classes"))
     labels = relabel(data.labels[keep], data.class_names, names)
     given = None if data.split is None else data.split[keep]
@@ -330,7 +322,39 @@ def build_datamodule(
         fraction=1.0 if fraction is None else float(fraction),
         samples_per_class=None if spc is None else int(spc),
     )
-    chosen = {TRAIN: train, VAL: np.flatnonzero(split == VAL), TEST: np.flatnonzero(split == TEST)}
+    return keep, names, labels, {TRAIN: train, VAL: np.flatnonzero(split == VAL), TEST: np.flatnonzero(split == TEST)}
+
+
+def check_data(
+    cfg: DictConfig, spec: InputSpec, seed: int, cache_dir: Path | str | None = None
+) -> tuple[list[str], dict[str, int]]:
+    """Every check `build_datamodule` makes (root, layout, classes, readable files, channels, split
+    sizes, samples per class) without reading images into memory: the store is decoded once (the
+    job reuses it) and opened on disk. -> (class names, images per split). Run before a source
+    model or teacher is trained, so bad data fails in seconds."""
+    cfg = _data_group(cfg)
+    validate_data_config(cfg)
+    if cfg.get("crop_pct") is not None:
+        spec = replace(spec, crop_pct=float(cfg.crop_pct))
+    data = prepare(cfg, spec, cache_dir, ram_budget_mb=0)
+    check_channels(data.images.shape[1], spec)
+    _, names, _, chosen = _split(cfg, data, seed)
+    return names, {SPLIT_NAMES[sid]: len(idx) for sid, idx in chosen.items()}
+
+
+def build_datamodule(
+    cfg: DictConfig, spec: InputSpec, seed: int, cache_dir: Path | str | None = None
+) -> TransferDataModule:
+    """Validate, prepare the source once (bad data fails here, not mid-training), split, subset.
+    With `cache_dir`, the decoded source is shared by every job through the prepared store."""
+    cfg = _data_group(cfg)
+    validate_data_config(cfg)
+    if cfg.get("crop_pct") is not None:
+        spec = replace(spec, crop_pct=float(cfg.crop_pct))
+    data = prepare(cfg, spec, cache_dir, float(cfg.get("ram_budget_mb", 1024)))
+    check_channels(data.images.shape[1], spec)
+    keep, names, labels, chosen = _split(cfg, data, seed)
+    train = chosen[TRAIN]
     tensors = {}
     for sid, idx in chosen.items():
         rows = keep[idx]

@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image
 
-from transferlab import cache
+from transferlab import cache, console
 from transferlab.data.base import SourceData, SourceFiles, fit_pil
 from transferlab.data.sources import SOURCES
 from transferlab.data.transforms import InputSpec, resize_cached
@@ -106,7 +106,10 @@ def decode_files(
     one chunk at a time -> (ok mask, greyscale mask, {index: error})."""
     n = len(files.labels)
     ok, grey, bad = np.zeros(n, bool), np.zeros(n, bool), {}
-    with ThreadPoolExecutor(workers or decode_workers(n)) as pool:
+    with (
+        ThreadPoolExecutor(workers or decode_workers(n)) as pool,
+        console.step(f"decoding {n} images", total=n, min_seconds=2.0) as advance,
+    ):
         for start in range(0, n, _CHUNK):
             idx = range(start, min(n, start + _CHUNK))
             for i, (arr, is_grey, err) in zip(idx, pool.map(lambda j: decode_one(files, j, spec), idx), strict=True):
@@ -114,6 +117,7 @@ def decode_files(
                     bad[i] = err
                     continue
                 out[i], ok[i], grey[i] = arr, True, is_grey
+            advance(len(idx))
     return ok, grey, bad
 
 

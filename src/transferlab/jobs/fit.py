@@ -11,7 +11,7 @@ import math
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -40,7 +40,8 @@ from transferlab.transfer.compute import (
     training_flops_per_sample,
 )
 from transferlab.transfer.distill import TeacherWeights
-from transferlab.transfer.features import PhaseFeatures
+from transferlab.transfer.features import FeatureDataModule, PhaseFeatures
+from transferlab.transfer.linear_probe import solve_head
 from transferlab.transfer.module import TransferModule
 from transferlab.transfer.routes import build_module, route_for
 from transferlab.transfer.schedule import BestWeights, Phase, plan_phases, target_trainable
@@ -79,6 +80,15 @@ class Progress:
         job.load_phase_weights(module)
         timer.seconds, timer.samples, timer.eval_samples = progress.seconds, progress.samples, progress.eval_samples
         return progress
+
+
+class BudgetReached(Exception):
+    """The fit stopped at `trainer.stop_after_epochs` (a halving sweep's rung): the job's
+    checkpoint and MLflow run stay unfinished, so the next rung continues them exactly."""
+
+    def __init__(self, epoch: int, metrics: dict[str, float]) -> None:
+        super().__init__(f"stopped after epoch {epoch} (trainer.stop_after_epochs)")
+        self.epoch, self.metrics = epoch, metrics
 
 
 @dataclass
@@ -137,7 +147,7 @@ def fit_and_test(
 
 def build(cfg: DictConfig, checkpoint: Path | None, teacher: TeacherWeights | None) -> Job:
     """Backbone with its weights, data, the route's module, and the phases it will train."""
-    backbone = create_backbone(cfg.backbone, checkpoint)
+    backbone = create_backbone(cfg.backbone, checkpoint, cfg.cache_dir)
     spec = input_spec(backbone.model, cfg.backbone)
     data = build_datamodule(cfg.data, spec, int(cfg.seed), cache_dir=cfg.cache_dir)
     module, route_tags = build_module(cfg, backbone.model, spec, data.num_classes, teacher)
@@ -161,6 +171,8 @@ def log_job(cfg: DictConfig, tracker: RunTracker, job: Job) -> dict[str, float]:
     tracker.log_metrics(counts)  # per-class counts go in classes.json: as metrics they bury test/acc
     tracker.log_text(job.data.class_table(), "classes.json")
     tracker.set_tags({tags.SUBSET_HASH: job.data.subset_hash, tags.SKIPPED_FILES: str(job.data.skipped)})
+    if job.module.feature_index is not None:
+        tracker.set_tags({tags.TRUNCATED_AT: job.module.stages.names[job.module.kept - 1]})
     return counts
 
 
@@ -176,9 +188,12 @@ def fit_phases(
     """Every phase not yet finished, each its own fit; -> the last trainer and its data, for the test."""
     module, stages, data = job.module, job.module.stages, job.data
     trainer, fit_data = None, None
+    stop = stop_epoch(cfg.trainer, job)
     for k, phase in enumerate(job.phases):
         if k < progress.phases:
             continue
+        if stop is not None and progress.epoch >= stop:  # the budget ended on a phase boundary
+            raise BudgetReached(progress.epoch, _partial_compute(progress, timer))
         module.set_trainable(phase.trainable)
         module.epoch_offset = data.epoch_offset = progress.epoch
         newly = phase.trainable - set(progress.unfrozen)
@@ -189,11 +204,18 @@ def fit_phases(
         if checkpoints.enabled:
             callbacks.append(EpochCheckpoint(checkpoints.epoch_checkpoint(k), timer))
         epochs = phase.epochs + progress.carried
-        trainer = _trainer(cfg.trainer, phase, epochs, job.val_every, callbacks, checkpoints.dir)
+        # A rung's budget inside this phase: the same plan (LR schedule, phase lengths), cut short.
+        capped = epochs if stop is None else min(epochs, stop - progress.epoch)
+        trainer = _trainer(cfg.trainer, phase, capped, job.val_every, callbacks, checkpoints.dir)
         seen, evaluated = timer.samples, timer.eval_samples  # at the phase's start (restored on a resume)
         fit_data = features.datamodule(phase.name, phase.trainable, trainer)
-        trainer.fit(module, datamodule=fit_data, ckpt_path=checkpoints.resume_path(k))
+        if str(cfg.finetune.head_solver) == "lbfgs" and isinstance(fit_data, FeatureDataModule):
+            _solve_head(tracker, module, fit_data, features, progress)
+        else:
+            trainer.fit(module, datamodule=fit_data, ckpt_path=checkpoints.resume_path(k))
         ran = trainer.current_epoch
+        if ran < epochs and ran >= capped and not trainer.should_stop:  # the budget, not early stopping
+            _stop_at_budget(tracker, module, features, timer, progress, seen, ran)
         if best.best_epoch is not None:  # the phase ended on these weights (select=best)
             progress.best_epochs[f"best_epoch/{phase.name}"] = progress.epoch + best.best_epoch
         progress.carried = epochs - ran
@@ -221,6 +243,58 @@ def fit_phases(
         trainer = _trainer(cfg.trainer, job.phases[-1], 1, job.val_every, [], checkpoints.dir)
         fit_data = features.datamodule(job.phases[-1].name, job.phases[-1].trainable, trainer)
     return trainer, fit_data
+
+
+def stop_epoch(cfg: DictConfig, job: Job) -> int | None:
+    """The epoch of the full plan where `trainer.stop_after_epochs` ends this fit (None: at the
+    end). It counts configured epochs, so small data sets' extra epochs (min_steps) scale with it."""
+    if cfg.get("stop_after_epochs") is None:
+        return None
+    stop = int(cfg.stop_after_epochs) * job.val_every
+    return stop if stop < job.epochs else None
+
+
+def _stop_at_budget(
+    tracker: RunTracker,
+    module: TransferModule,
+    features: PhaseFeatures,
+    timer: FitTimer,
+    progress: Progress,
+    seen: int,
+    ran: int,
+) -> None:
+    """Log what the fit cost so far (a pruned job keeps these as its totals), then end it."""
+    per_sample = training_flops_per_sample(module, features.train_costs()) + module.teacher_flops_per_sample
+    flops = progress.train_flops + per_sample * (timer.samples - seen)
+    partial = replace(progress, train_flops=flops, epoch=progress.epoch + ran)
+    metrics = _partial_compute(partial, timer)
+    tracker.log_metrics(metrics, step=partial.epoch)
+    raise BudgetReached(partial.epoch, metrics)
+
+
+def _partial_compute(progress: Progress, timer: FitTimer) -> dict[str, float]:
+    return {
+        "compute/train_flops": progress.train_flops,
+        "compute/train_gflops": progress.train_flops / 1e9,
+        "compute/fit_seconds": timer.seconds,
+        "compute/epochs": float(progress.epoch),
+    }
+
+
+def _solve_head(
+    tracker: RunTracker, module: TransferModule, data: FeatureDataModule, features: PhaseFeatures, progress: Progress
+) -> None:
+    """A head-only phase on cached features, solved by L-BFGS logistic regression (transfer.linear_probe).
+    Its cost: every iteration is a full pass of the head over the train features, forward and backward."""
+    fit = solve_head(module.head, data, module.head[-1].out_features)
+    samples = len(data.split("train").labels) * fit.iterations
+    progress.train_flops += 2 * forward_flops(features.train_costs()) * samples
+    tracker.log_metrics(
+        {"val/acc": fit.val_acc, "probe/penalty_C": fit.penalty, "probe/iterations": fit.iterations}
+        | {"compute/probe_solver_seconds": fit.seconds, "compute/probe_solver_samples": samples},
+        step=progress.epoch,
+    )
+    tracker.log_text(json.dumps({str(c): a for c, a in fit.val_acc_by_penalty.items()}, indent=1), "probe_val_acc.json")
 
 
 def final_metrics(

@@ -66,13 +66,17 @@ class SweepLedger:
         records = self.records()
         return {s.lower(): sum(r.status == s for r in records) for s in ("FINISHED", "FAILED", "SKIPPED")}
 
+    def tally(self) -> str:
+        counts = self.counts()
+        return f"{counts['finished']} finished, {counts['failed']} failed, {counts['skipped']} skipped"
+
     def progress_line(self, record: JobRecord) -> str:
         meta, counts = self.meta, self.counts()
         total, done = int(meta["total"]) or record.num + 1, sum(counts.values())
         elapsed = time.time() - float(meta["started"])
         eta = elapsed / max(done, 1) * max(total - done, 0)
         result = f"test/acc={record.test_acc:.4f}" if record.status != "FAILED" else record.reason
-        tally = f"{counts['finished']} finished, {counts['failed']} failed, {counts['skipped']} skipped"
+        tally = self.tally()
         return (
             f"[job {record.num + 1}/{total}] {record.status} {record.overrides or '(no overrides)'} | {result} | "
             f"{record.seconds:.1f}s | run {record.run_id or '-'} | {tally} | "

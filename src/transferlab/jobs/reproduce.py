@@ -22,6 +22,7 @@ from transferlab.errors import ConfigError
 from transferlab.jobs.run import run
 from transferlab.jobs.upstream import WEIGHTS, source_entry
 from transferlab.preflight import check_store
+from transferlab.tracking.identity import HASH_NEUTRAL
 from transferlab.tracking.run import tracking_uri
 
 ALLOWED_TARGETS = ("transferlab.", "torch.", "timm.", "pytorch_lightning.", "lightning.", "torchmetrics.")
@@ -72,6 +73,9 @@ def logged_config(client: mlflow.MlflowClient, run_id: str) -> DictConfig:
             ) from err
         cfg = OmegaConf.load(Path(path))
     check_targets(OmegaConf.to_container(cfg, resolve=False))
+    for field, neutral in HASH_NEUTRAL.items():  # added since that run: the value it computed with
+        if OmegaConf.select(cfg, field, default=None) is None:
+            OmegaConf.update(cfg, field, neutral, force_add=True)
     return cfg
 
 

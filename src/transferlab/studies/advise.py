@@ -131,18 +131,22 @@ def prepare_data(cfg: DictConfig) -> float:
     return time.perf_counter() - start
 
 
-def stage_features(cfg: DictConfig) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, np.ndarray], list[str]]:
+def stage_features(
+    cfg: DictConfig,
+) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, np.ndarray], list[str], int]:
     """Pooled frozen features at the end of every stage, one forward per split through the feature
-    cache: ({split: {stage: [N, C]}}, {split: labels}, stage names in forward order). The backbone
+    cache: ({split: {stage: [N, C]}}, {split: labels}, stage names in forward order, the backbone's
+    parameter count, for the "bigger ImageNet model first" baseline). The backbone
     gets its weights the way a job does (source model, file, hub or scratch)."""
     torch.manual_seed(int(cfg.seed))  # random-init weights (the reference) are the same every time
     checkpoint, _ = resolve_checkpoint(cfg, train=run)  # may train the source model first
-    backbone = create_backbone(cfg.backbone, checkpoint).model
+    backbone = create_backbone(cfg.backbone, checkpoint, cfg.cache_dir).model
     data = build_datamodule(cfg.data, input_spec(backbone, cfg.backbone), int(cfg.seed))
     found = extract_stage_features(cfg, backbone, map_stages(backbone), data, ("train", "val"))
     order = [n for n in map_stages(build_model(cfg.backbone, pretrained=False)).names if n in found["train"].features]
     feats = {split: {n: np.asarray(fs.features[n], dtype=np.float64) for n in order} for split, fs in found.items()}
-    return feats, {split: fs.labels.numpy() for split, fs in found.items()}, order
+    params = sum(p.numel() for p in backbone.parameters())
+    return feats, {split: fs.labels.numpy() for split, fs in found.items()}, order, params
 
 
 def score_stages(
@@ -176,12 +180,13 @@ def decide(target: str, per_class: int, scores: list[dict], settings: Settings) 
     below the best) or do not group the target's classes better than an untrained network does
     (k-NN on the last stage vs random-init features: label-free geometry, where a ridge probe
     reads classes out of random convolutions almost as well as out of trained ones)."""
-    real = [r for r in scores if not r.get("reference")] or scores
+    real = [r for r in scores if r.get("listed", not r.get("reference"))] or scores
     best = max(real, key=lambda r: (r["probe"], r["logme"]))
     last = [r for r in real if r["candidate"] == best["candidate"]][-1]
     loss = best["probe"] - last["probe"]
     reference = [r for r in scores if r.get("reference") and r["stage"] == last["stage"]]
-    gain = last["knn"] - reference[0]["knn"] if reference else float("nan")
+    # No random-init stage of that name (another architecture): no k-NN vote; render says why.
+    gain = last["knn"] - reference[0]["knn"] if reference and np.isfinite(reference[0]["knn"]) else float("nan")
     size = "small" if per_class < settings.small_per_class else "large"
     different = loss > settings.different_loss_pts or gain < settings.similar_knn_gain_pts  # NaN gain: no vote
     domain = "different" if different else "similar"
@@ -227,7 +232,9 @@ def render(advice: Advice, settings: Settings) -> str:
     rows = [
         {
             "rank": i + 1,
-            "candidate": r["candidate"] + (" (random-init reference)" if r.get("reference") else ""),
+            "candidate": r["candidate"]
+            + (" (random-init reference)" if r.get("reference") and not r.get("listed") else ""),
+            "params": f"{r.get('params', 0) / 1e6:.2f}M",
             "stage": r["stage"],
             "dims": r["dims"],
             "probe val %": f"{r['probe']:.1f}",
@@ -244,9 +251,7 @@ def render(advice: Advice, settings: Settings) -> str:
         "",
         f"- size: {a.size} ({a.per_class} train images in the smallest class; small < {settings.small_per_class})",
         f"- source: {a.domain} (the best stage {a.best_stage} probes {a.loss_pts:+.1f} pts above the last "
-        f"stage {a.last_stage}: different above {settings.different_loss_pts:g}; the last stage's k-NN is "
-        f"{a.knn_gain_pts:+.1f} pts above that of random-init features: different below "
-        f"{settings.similar_knn_gain_pts:g})",
+        f"stage {a.last_stage}: different above {settings.different_loss_pts:g}; {_knn_verdict(a, settings)})",
         f"- cut / freeze at: {a.best_stage} of {a.best_candidate}",
         f"- strategy ({a.size} + {a.domain}): {' or '.join(a.strategies)}"
         + (f" (finetune.truncate_after={a.best_stage})" if "probe_early" in a.strategies else ""),
@@ -256,6 +261,18 @@ def render(advice: Advice, settings: Settings) -> str:
         *[f"    {c}" for c in a.commands],
     ]
     return "\n".join(lines) + "\n"
+
+
+def _knn_verdict(a: Advice, settings: Settings) -> str:
+    if not np.isfinite(a.knn_gain_pts):
+        return (
+            f"the last stage's k-NN was not compared with random-init features: the reference network "
+            f"has no stage {a.last_stage} (it is the first candidate's), so only the probe loss voted"
+        )
+    return (
+        f"the last stage's k-NN is {a.knn_gain_pts:+.1f} pts above that of random-init features: "
+        f"different below {settings.similar_knn_gain_pts:g}"
+    )
 
 
 # --- one target -------------------------------------------------------------------------------------
@@ -271,8 +288,10 @@ def advise_target(target: list[str], candidates: list[list[str]], settings: Sett
     known = {_label(c) for c in cfgs}
     scores: list[dict] = []
     for cfg in [*cfgs, reference] if _label(reference) not in known else cfgs:
-        feats, labels, stages = stage_features(cfg)
-        extra = {"candidate": _label(cfg), "reference": cfg is reference}
+        feats, labels, stages, params = stage_features(cfg)
+        # A listed random-init candidate is both the reference and a candidate of its own.
+        extra = {"candidate": _label(cfg), "reference": _label(cfg) == _label(reference), "params": params}
+        extra["listed"] = extra["candidate"] in known
         scores += [extra | row for row in score_stages(feats, labels, stages, settings.knn_k)]
     cfg = cfgs[0]
     train_labels = labels["train"]
@@ -301,7 +320,10 @@ def _log(cfg: DictConfig, advice: Advice, settings: Settings, sizes: dict[str, f
     try:
         tracker.log_params(flatten(cfg) | {f"advise.{k}": str(v) for k, v in vars(settings).items()})
         metrics = {
-            f"advise/{r['candidate']}/{r['stage']}/{m}": r[m] for r in advice.scores for m in ("logme", "knn", "probe")
+            f"advise/{r['candidate']}/{r['stage']}/{m}": r[m]
+            for r in advice.scores
+            for m in ("logme", "knn", "probe", "params")
+            if m in r
         }
         metrics |= sizes | {
             "advise/per_class": advice.per_class,

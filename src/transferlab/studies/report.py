@@ -18,6 +18,7 @@ import pandas as pd
 from transferlab import tags as tag_names
 from transferlab.errors import ConfigError
 from transferlab.studies.advice_report import advice_report
+from transferlab.studies.halving_report import halving_section, load_pruned
 from transferlab.studies.plot import plot_accuracy_vs_compute
 from transferlab.studies.stats import (
     MIN_SEEDS,
@@ -77,6 +78,7 @@ def load_runs(client: Any, experiment: str) -> pd.DataFrame:
             row |= {col: run.data.metrics.get(key, np.nan) for key, col in METRICS.items()}
             row |= {f"version.{k}": tags.get(tag_names.tag(k)) for k in tag_names.VERSION_NAMES}
             row["version.git"] = tags.get("mlflow.source.git.commit")
+            row["truncated_at"] = tags.get(tag_names.TRUNCATED_AT)
             rows.append(row | {f"params.{k}": v for k, v in params.items()})
         token = page.token
         if not token:
@@ -406,7 +408,9 @@ def write_report(
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / n for n in ("report.md", "summary.csv", "pairs.csv", "accuracy_vs_compute.png")]
 
-    paths[0].write_text(render_markdown(experiment, tables, parent_run_id) + advice_report(client, experiment, tables))
+    pruned = halving_section(load_pruned(client, experiment), runs)  # a halving sweep's pruned configurations
+    text = render_markdown(experiment, tables, parent_run_id) + pruned + advice_report(client, experiment, tables)
+    paths[0].write_text(text)
     tables.summary.to_csv(paths[1], index=False)
     tables.pairs.to_csv(paths[2], index=False)
     plot_accuracy_vs_compute(tables, paths[3])

@@ -13,7 +13,7 @@ import mlflow
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from transferlab import tags
+from transferlab import console, tags
 from transferlab.config import sweep_grid
 from transferlab.jobs.ledger import SweepLedger
 from transferlab.studies.report import write_report
@@ -32,6 +32,7 @@ class SweepCallback(Callback):
     @classmethod
     def fail_unfinished(cls, status: str = "FAILED") -> None:
         """Mark the parent run FAILED (or KILLED) when the multirun aborted (Hydra skips the end hook)."""
+        console.close_sweep()
         if cls.open_run is not None:
             uri, run_id = cls.open_run
             cls.open_run = None
@@ -39,6 +40,7 @@ class SweepCallback(Callback):
             mlflow.MlflowClient(uri).set_terminated(run_id, status)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        console.quiet_libraries()  # Hydra's "#N : overrides" line per job only with -v
         tracker = RunTracker(config.tracking)
         tracker.start(f"sweep-{config.study}", {tags.ROLE: tags.ROLE_SWEEP})
         if tracker.run_id is None:
@@ -51,8 +53,13 @@ class SweepCallback(Callback):
         SweepCallback.ledger.begin(total, swept)
         SweepCallback.failed = 0
         SweepCallback.open_run = (tracking_uri(config.tracking), tracker.run_id)
+        # A live line only where the jobs run in this process (Hydra's basic launcher); workers of
+        # other launchers print their job lines themselves.
+        in_process = str(OmegaConf.select(config, "hydra.launcher._target_", default="")).endswith("BasicLauncher")
+        console.start_sweep(f"sweep {config.study}", total, live=in_process)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        console.close_sweep()
         SweepCallback.open_run = None
         run_id = sweep_context.leave()
         if run_id is None:

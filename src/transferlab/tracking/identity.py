@@ -40,15 +40,47 @@ def flatten(cfg: DictConfig) -> dict[str, str]:
 TRAINING_SEMANTICS = 3
 
 
+# Fields added after runs were stored, at the value that computes exactly what older configs did:
+# left out of the hash, so stored runs, resume states and cached source models keep their keys.
+HASH_NEUTRAL: dict[str, object] = {"finetune.head_solver": "sgd"}
+
+
+# Fields that say how far one invocation of a job goes, not what the job computes: a halving
+# sweep runs the same job (same hash, checkpoint dir and MLflow run) rung after rung with a
+# larger `trainer.stop_after_epochs`, so they are never part of its identity or its stored config.
+RUN_CONTROLS = ("trainer.stop_after_epochs",)
+
+
 def config_hash(cfg: DictConfig, exclude: tuple[str, ...] = ("tracking",)) -> str:
     """Stable short hash of the resolved config and the training-semantics version (tracking
-    excluded: where a run is logged does not change what it computes). Resume-by-hash and the
-    source-model cache key on it."""
+    excluded: where a run is logged does not change what it computes; so are RUN_CONTROLS).
+    Resume-by-hash and the source-model cache key on it."""
     data = OmegaConf.to_container(cfg, resolve=True)
     for key in exclude:
         data.pop(key, None)
+    for path in RUN_CONTROLS:
+        group, _, name = path.rpartition(".")
+        if isinstance(data.get(group), dict):
+            data[group].pop(name, None)
+    for path, neutral in HASH_NEUTRAL.items():
+        *parents, leaf = path.split(".")
+        node = data
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node and node[leaf] == neutral:
+            del node[leaf]
     data["__training_semantics__"] = TRAINING_SEMANTICS
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def stored_config(cfg: DictConfig) -> DictConfig:
+    """The config as a run logs it (params, config.yaml): RUN_CONTROLS at their defaults (None),
+    so reproducing a run that a halving sweep promoted trains it to the end."""
+    out = cfg.copy()
+    for path in RUN_CONTROLS:
+        if OmegaConf.select(out, path, default=None) is not None:
+            OmegaConf.update(out, path, None)
+    return out
 
 
 def condition_hash(cfg: DictConfig) -> str:

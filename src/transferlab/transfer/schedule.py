@@ -17,6 +17,7 @@ import torch
 from omegaconf import DictConfig
 
 from transferlab.errors import ConfigError
+from transferlab.transfer.names import SCHEDULES
 from transferlab.transfer.stages import StageMap
 
 
@@ -93,7 +94,6 @@ def stage_lr_mults(cfg: DictConfig, stage_count: int) -> list[float]:
     return [mult * decay ** (stage_count - 1 - i) for i in range(stage_count)]
 
 
-SCHEDULES = ("cosine", "constant")
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:

@@ -36,7 +36,12 @@ class StageMap:
         raise ConfigError(f"unknown stage {ref!r}: use an index 0..{len(self.names) - 1} or one of {list(self.names)}")
 
     def cut_point(self, ref: int | str) -> int:
-        """Stage index to truncate after; it must have a timm feature output to pool."""
+        """Stage index to truncate after; it must have a timm feature output to pool. A depth
+        given as a share (`75%`) means the same on every family: the deepest stage with a
+        feature output at or before that share of the network (test_resnet: stage3 of stem..stage4;
+        tf_efficientnet_lite0: stage5 of stem..stage7)."""
+        if isinstance(ref, str) and ref.endswith("%"):
+            return self._at_depth(ref)
         stage = self.index(ref)
         if stage not in self.feature_index:
             usable = [self.names[s] for s in sorted(self.feature_index)]
@@ -45,6 +50,21 @@ class StageMap:
                 f"use one of {usable}"
             )
         return stage
+
+    def _at_depth(self, ref: str) -> int:
+        try:
+            share = float(ref[:-1]) / 100
+        except ValueError:
+            share = -1.0
+        if not 0 < share <= 1:
+            raise ConfigError(
+                f"finetune.truncate_after={ref!r} is invalid: use a share of the depth in (0%, 100%], e.g. 75%"
+            )
+        limit = int(share * (len(self.names) - 1) + 1e-9)
+        usable = [s for s in sorted(self.feature_index) if 0 < s <= limit]
+        if not usable:
+            raise ConfigError(f"finetune.truncate_after={ref!r} lies before the first stage with a feature output")
+        return usable[-1]
 
     def params_in(self, model: torch.nn.Module, stage: int) -> list[torch.nn.Parameter]:
         return [p for n, p in model.named_parameters() if self.param_stage.get(n) == stage]

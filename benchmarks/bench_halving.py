@@ -1,0 +1,149 @@
+"""Successive halving against the full grid, both run here, one after the other, in one run.
+
+A small version of the default study (test_resnet from the cached animal source model, 32 px,
+two targets of `--per-class` images per class, the four strategies x three learning rates, three
+seeds) runs twice: once as the full grid (basic sweeper) and once with `hydra/sweeper=halving`
+(eta 3, rungs of 1, 3 and 9 epochs), each its own study in one MLflow store and one cache dir (the
+source model's hash includes the cache dir). Halving runs first, so it pays for building the probes'
+frozen-feature cache and the grid reuses it: the wall-time share is, if anything, unfair to halving
+(FLOPs are not affected: the cache build is its own column, not `compute/train_flops`). Per target:
+- the grid's winner (highest mean test accuracy over seeds);
+- the configuration halving trained to the end;
+- the paired verdict of the two on the grid's own runs (studies/stats.py, as in the report).
+It also gives halving's share of the grid's training FLOPs (`compute/train_flops`, pruned runs'
+partial cost included) and of its wall time.
+
+`python benchmarks/bench_halving.py [--per-class 100] [--seeds 3] [--epochs 9] [--lrs 0.0003,0.001,0.003]`
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+
+from transferlab.studies.halving import rung_budgets
+from transferlab.studies.stats import paired_p, verdict
+from transferlab.tags import target_label
+
+STRATEGIES = "scratch,probe,probe_early,fine_tune"
+LRS = "0.0003,0.001,0.003"
+SOURCE = "backbone.source_overrides=['trainer.max_epochs=4']"  # a shorter source pretraining, same for both
+HALVING = ["hydra/sweeper=halving", "hydra.sweeper.eta=3", "hydra.sweeper.min_budget=1"]
+
+
+def _env(folder: Path) -> dict[str, str]:
+    return {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}", "HF_HUB_OFFLINE": "1"}
+
+
+def sweep(folder: Path, study: str, cache: Path, job: list[str], extra: list[str]) -> float:
+    """Wall seconds of one `transferlab train -m` (the process, imports included)."""
+    cmd = [sys.executable, "-m", "transferlab", "train", "-m", *job, f"study={study}", f"cache_dir={cache}", *extra]
+    start = time.perf_counter()
+    done = subprocess.run(cmd, cwd=folder, env=_env(folder), capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    (folder / f"{study}.log").write_text(done.stdout + done.stderr)
+    if done.returncode != 0:
+        raise SystemExit(f"{study} failed:\n{done.stderr[-3000:]}")
+    return wall
+
+
+def job_runs(client: mlflow.MlflowClient, study: str) -> pd.DataFrame:
+    exp = client.get_experiment_by_name(study)
+    rows = []
+    for run in client.search_runs([exp.experiment_id], "tags.`transferlab.role` = 'job'", max_results=5000):
+        p, m = run.data.params, run.data.metrics
+        rows.append(
+            {
+                "target": target_label(p["data.name"], m.get("data/train_size")),
+                "config": f"{p['finetune.strategy']} lr={p['optim.lr']}",
+                "seed": int(p["seed"]),
+                "status": run.info.status,
+                "test_acc": 100 * m.get("test/acc", np.nan),
+                "train_flops": m.get("compute/train_flops", 0.0),
+                "test_size": m.get("data/test_size", np.nan),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def compare(grid: pd.DataFrame, halving: pd.DataFrame) -> list[list[str]]:
+    rows = []
+    for target, g in grid.groupby("target"):
+        means = g.groupby("config")["test_acc"].mean().sort_values(ascending=False)
+        best = means.index[0]
+        finished = halving[(halving["target"] == target) & (halving["status"] == "FINISHED")]
+        picks = finished.groupby("config")["test_acc"].mean().sort_values(ascending=False)
+        pick = picks.index[0] if len(picks) else "none"
+        acc = g.pivot(index="seed", columns="config", values="test_acc")
+        diffs = (acc[best] - acc[pick]).dropna().to_numpy() if pick in acc else np.array([])
+        quantum = 100 / g["test_size"].min()
+        said = "same configuration" if pick == best else verdict(diffs, paired_p(diffs), quantum)
+        rank = list(means.index).index(pick) + 1 if pick in means.index else 0
+        rows.append(
+            [
+                target,
+                f"{best} ({means.iloc[0]:.1f})",
+                f"{pick} ({picks.iloc[0]:.1f})" if len(picks) else "none",
+                f"{rank} of {len(means)}",
+                said,
+            ]
+        )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--per-class", type=int, default=100)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=9)
+    parser.add_argument("--lrs", default=LRS, help="optim.lr values of the grid")
+    parser.add_argument("--keep", type=Path, default=None, help="keep the store and logs here")
+    parser.add_argument("--cache", type=Path, default=None, help="cache dir (default: a new one; reuse a source model)")
+    opts = parser.parse_args()
+    job = [SOURCE, "data.augment=none", "trainer.accelerator=cpu", f"trainer.max_epochs={opts.epochs}"]
+    grid = ["data=animals_similar,digits", f"data.samples_per_class={opts.per_class}", f"finetune={STRATEGIES}"]
+    grid += [f"optim.lr={opts.lrs}", "seed=" + ",".join(map(str, range(opts.seeds)))]
+    folder = opts.keep or Path(tempfile.mkdtemp())
+    folder.mkdir(parents=True, exist_ok=True)
+    cache = opts.cache or folder / "cache"
+    try:
+        mlflow.MlflowClient(f"sqlite:///{folder / 'mlflow.db'}").search_experiments()  # migrate once
+        pretrain = [sys.executable, "-m", "transferlab", "pretrain", SOURCE, f"cache_dir={cache}"]
+        subprocess.run(pretrain, cwd=folder, env=_env(folder), check=True, capture_output=True)
+        halving_wall = sweep(folder, "bench_halving", cache, [*job, *grid], HALVING)
+        grid_wall = sweep(folder, "bench_grid", cache, [*job, *grid], [])
+        client = mlflow.MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+        full, halved = job_runs(client, "bench_grid"), job_runs(client, "bench_halving")
+    finally:
+        if opts.keep is None:
+            shutil.rmtree(folder, ignore_errors=True)
+    print(f"{os.cpu_count()} cores; load average at end {os.getloadavg()[0]:.1f}")
+    configs = full["config"].nunique()
+    print(
+        f"grid: {full['target'].nunique()} targets x {configs} configurations x {opts.seeds} seeds = {len(full)} jobs, "
+        f"{opts.epochs} epochs; halving: eta 3, rungs {rung_budgets(1, 3, opts.epochs)} epochs"
+    )
+    print("\n| target | grid winner (mean test %) | halving's pick (mean test %) | pick's rank in the grid | verdict |")
+    print("|---|---|---|---|---|")
+    for row in compare(full, halved):
+        print("| " + " | ".join(row) + " |")
+    pruned = int((halved["status"] == "KILLED").sum())
+    print("\n| measure | grid | halving | halving / grid |\n|---|---|---|---|")
+    print(f"| job runs (pruned) | {len(full)} | {len(halved)} ({pruned}) | |")
+    flops = full["train_flops"].sum(), halved["train_flops"].sum()
+    print(f"| training FLOPs (all runs) | {flops[0]:.3g} | {flops[1]:.3g} | {flops[1] / flops[0]:.0%} |")
+    print(f"| wall time of the sweep (s) | {grid_wall:.0f} | {halving_wall:.0f} | {halving_wall / grid_wall:.0%} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Start-up: how soon the CLI answers, and how soon a sweep's second job trains.
+
+1. `transferlab --help`, a mistyped field and a bad value: process start to exit (median of
+   REPEATS fresh processes), and whether torch was imported on the way.
+2. A two-job sweep of the CLI in one process (the basic launcher): for each job, seconds from
+   Hydra calling the task body to the first training step, and for the first job also from
+   process start. Job 2 pays no import: what is left is the job's own set-up.
+
+Run: `.venv/bin/python benchmarks/bench_startup.py` (about 1 min); it prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPEATS = 5
+FAST = [
+    "backbone.weights=scratch",
+    "data=digits",
+    "data.samples_per_class=5",
+    "data.augment=none",
+    "trainer.max_epochs=1",
+    "trainer.min_steps=0",
+    "trainer.accelerator=cpu",
+]
+CASES = {
+    "`transferlab --help`": ["--help"],
+    "typo: `train finetune.freeze_dept=2`": ["train", "finetune.freeze_dept=2"],
+    "bad value: `train optim.lr=abc`": ["train", "optim.lr=abc"],
+    "unknown group: `train backbone=nope`": ["train", "backbone=nope"],
+}
+TIMED_SWEEP = """
+import json, sys, time
+t0 = time.perf_counter()
+from transferlab.cli import main
+from transferlab.jobs import task
+from transferlab.transfer.module import TransferModule
+
+marks = []
+run_job, training_step = task.run_job, TransferModule.training_step
+
+def timed_job(cfg):
+    marks.append({"start": time.perf_counter() - t0})
+    return run_job(cfg)
+
+def timed_step(self, *args, **kwargs):
+    marks[-1].setdefault("first_step", time.perf_counter() - t0)
+    return training_step(self, *args, **kwargs)
+
+task.run_job, TransferModule.training_step = timed_job, timed_step
+code = main(sys.argv[1:])
+print("TIMES " + json.dumps({"code": code, "jobs": marks}))
+"""
+
+
+def time_cli(argv: list[str], cwd: Path) -> tuple[float, bool]:
+    """Median seconds from process start to exit, and whether torch got imported."""
+    probe = "import sys, runpy; sys.argv = ['transferlab', *sys.argv[1:]]\n"
+    probe += "try:\n    runpy.run_module('transferlab', run_name='__main__')\n"
+    probe += "finally:\n    print('TORCH', 'torch' in sys.modules, file=sys.stderr)\n"
+    times, torch = [], False
+    for _ in range(REPEATS):
+        start = time.perf_counter()
+        out = subprocess.run([sys.executable, "-c", probe, *argv], cwd=cwd, capture_output=True, text=True)
+        times.append(time.perf_counter() - start)
+        torch |= "TORCH True" in out.stderr
+    return statistics.median(times), torch
+
+
+def time_sweep(cwd: Path) -> list[dict]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}"}
+    args = ["train", "-m", *FAST, "study=startup", "seed=0,1"]
+    out = subprocess.run([sys.executable, "-c", TIMED_SWEEP, *args], cwd=cwd, env=env, capture_output=True, text=True)
+    line = next((x for x in out.stdout.splitlines() if x.startswith("TIMES ")), None)
+    if line is None:
+        raise SystemExit(out.stderr[-3000:])
+    return json.loads(line[len("TIMES ") :])["jobs"]
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        cwd = Path(tmp)
+        print("| what | seconds | torch imported |\n|---|---|---|")
+        for name, argv in CASES.items():
+            seconds, torch = time_cli(argv, cwd)
+            print(f"| {name} (median of {REPEATS}) | {seconds:.2f} | {'yes' if torch else 'no'} |")
+        jobs = time_sweep(cwd)
+        first, second = jobs[0], jobs[1]
+        print(f"| sweep job 1: process start to first training step | {first['first_step']:.2f} | yes |")
+        print(f"| sweep job 1: task body to first training step | {first['first_step'] - first['start']:.2f} | yes |")
+        print(f"| sweep job 2: task body to first training step | {second['first_step'] - second['start']:.2f} | - |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""transferlab's budget-aware Hydra sweeper (`hydra/sweeper=halving`)."""
