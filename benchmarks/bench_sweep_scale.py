@@ -108,6 +108,9 @@ def main() -> None:
     print(f"| RSS after job {window} (MB) | {rss_at(samples, ends[window - 1]):.0f} | |")
     print(f"| RSS growth, job {window} to the last (MB) | {grown:+.0f} | < 100 |")
     print(f"| peak RSS (MB) | {max(s[1] for s in samples):.0f} | |")
+    quarters = [ends[max(0, len(ends) * q // 4 - 1)] for q in (1, 2, 3, 4)]
+    shown = ", ".join(f"{rss_at(samples, t):.0f}" for t in quarters)
+    print(f"| RSS (MB) after each quarter of the jobs | {shown} | |")
     print(f"| report on {opts.jobs} runs (s) | {report_s:.1f} | < 30 |")
 
 

@@ -20,7 +20,7 @@ import torch
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-from transferlab import tags
+from transferlab import console, tags
 from transferlab.config import compose_config, validate
 from transferlab.data import build_datamodule
 from transferlab.errors import ConfigError
@@ -127,7 +127,8 @@ def prepare_data(cfg: DictConfig) -> float:
     """Decode the target into the prepared-data store, as the sweep's first job would (its jobs
     then reuse it), so advise's own time is its scoring. -> seconds taken (~0 once prepared)."""
     start = time.perf_counter()
-    build_datamodule(cfg.data, input_spec(build_model(cfg.backbone, pretrained=False), cfg.backbone), int(cfg.seed))
+    spec = input_spec(build_model(cfg.backbone, pretrained=False), cfg.backbone)
+    build_datamodule(cfg.data, spec, int(cfg.seed), cache_dir=cfg.cache_dir)  # the store the sweep reuses
     return time.perf_counter() - start
 
 
@@ -287,12 +288,15 @@ def advise_target(target: list[str], candidates: list[list[str]], settings: Sett
     reference = compose_config([*target, *candidates[0], "backbone.weights=scratch"])
     known = {_label(c) for c in cfgs}
     scores: list[dict] = []
-    for cfg in [*cfgs, reference] if _label(reference) not in known else cfgs:
-        feats, labels, stages, params = stage_features(cfg)
-        # A listed random-init candidate is both the reference and a candidate of its own.
-        extra = {"candidate": _label(cfg), "reference": _label(cfg) == _label(reference), "params": params}
-        extra["listed"] = extra["candidate"] in known
-        scores += [extra | row for row in score_stages(feats, labels, stages, settings.knn_k)]
+    scored = [*cfgs, reference] if _label(reference) not in known else cfgs
+    with console.step(f"advise {target_label(cfgs[0].data, 0).split(' / ')[0]}: scoring", len(scored)) as advance:
+        for cfg in scored:
+            feats, labels, stages, params = stage_features(cfg)
+            # A listed random-init candidate is both the reference and a candidate of its own.
+            extra = {"candidate": _label(cfg), "reference": _label(cfg) == _label(reference), "params": params}
+            extra["listed"] = extra["candidate"] in known
+            scores += [extra | row for row in score_stages(feats, labels, stages, settings.knn_k)]
+            advance(1)
     cfg = cfgs[0]
     train_labels = labels["train"]
     per_class = int(np.bincount(train_labels).min())

@@ -94,8 +94,6 @@ def stage_lr_mults(cfg: DictConfig, stage_count: int) -> list[float]:
     return [mult * decay ** (stage_count - 1 - i) for i in range(stage_count)]
 
 
-
-
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
     """Schedule value in [0, 1] at a global optimizer step: linear warm-up then cosine/constant."""
     if warmup_steps and step < warmup_steps:
