@@ -1,9 +1,9 @@
 """Successive halving against the full grid, both run here, one after the other, in one run.
 
 A small version of the default study (test_resnet from the cached animal source model, 32 px,
-two targets of `--per-class` images per class, the four strategies x three learning rates, three
+two targets of `--per-class` images per class, the four strategies x `--lrs` learning rates, three
 seeds) runs twice: once as the full grid (basic sweeper) and once with `hydra/sweeper=halving`
-(eta 3, rungs of 1, 3 and 9 epochs), each its own study in one MLflow store and one cache dir (the
+(eta 3, rungs of 1, 3 and 6 epochs by default), each its own study in one MLflow store and one cache dir (the
 source model's hash includes the cache dir). Halving runs first, so it pays for building the probes'
 frozen-feature cache and the grid reuses it: the wall-time share is, if anything, unfair to halving
 (FLOPs are not affected: the cache build is its own column, not `compute/train_flops`). Per target:
@@ -13,7 +13,7 @@ frozen-feature cache and the grid reuses it: the wall-time share is, if anything
 It also gives halving's share of the grid's training FLOPs (`compute/train_flops`, pruned runs'
 partial cost included) and of its wall time.
 
-`python benchmarks/bench_halving.py [--per-class 100] [--seeds 3] [--epochs 9] [--lrs 0.0003,0.001,0.003]`
+`OMP_NUM_THREADS=1 python benchmarks/bench_halving.py [--per-class 20] [--seeds 3] [--epochs 6] [--lrs 0.001,0.003]`
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from transferlab.studies.stats import paired_p, verdict
 from transferlab.tags import target_label
 
 STRATEGIES = "scratch,probe,probe_early,fine_tune"
-LRS = "0.0003,0.001,0.003"
+LRS = "0.001,0.003"
 SOURCE = "backbone.source_overrides=['trainer.max_epochs=4']"  # a shorter source pretraining, same for both
 HALVING = ["hydra/sweeper=halving", "hydra.sweeper.eta=3", "hydra.sweeper.min_budget=1"]
 
@@ -103,9 +103,9 @@ def compare(grid: pd.DataFrame, halving: pd.DataFrame) -> list[list[str]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--per-class", type=int, default=100)
+    parser.add_argument("--per-class", type=int, default=20)
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=9)
+    parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--lrs", default=LRS, help="optim.lr values of the grid")
     parser.add_argument("--keep", type=Path, default=None, help="keep the store and logs here")
     parser.add_argument("--cache", type=Path, default=None, help="cache dir (default: a new one; reuse a source model)")

@@ -204,3 +204,24 @@ def test_report_marks_distillation_with_the_teachers_own_training() -> None:
     assert len(dotted) == 1
     start, end = dotted[0].get_xdata()
     assert end - start == pytest.approx(5e9)  # from the distilled point, + the teacher's training
+
+
+@pytest.mark.parametrize(
+    "uri", ["runs:/abc123/model/model.safetensors", "models:/teacher/1", "mlflow-artifacts:/0/abc/artifacts/m.pt"]
+)
+def test_every_remote_teacher_uri_is_fetched_by_the_one_resolver(uri: str, tmp_path, monkeypatch) -> None:
+    """runs:/, models:/ and mlflow-artifacts:/ teachers all go through jobs.upstream.fetch_weights
+    (before, an mlflow-artifacts:/ teacher was read as a local file and failed as missing)."""
+    from transferlab.jobs import upstream
+
+    fetched = tmp_path / "teacher.safetensors"
+    fetched.write_bytes(b"")
+    asked = []
+    monkeypatch.setattr(upstream, "fetch_weights", lambda u, cfg, field: asked.append((u, field)) or fetched)
+    job = OmegaConf.merge(
+        compose_config(["backbone.weights=scratch", "finetune=distill"]),
+        {"finetune": {"teacher": {"weights": uri, "name": "test_resnet"}}},
+    )
+    weights = resolve_teacher(job, train=run)
+    assert asked == [(uri, "finetune.teacher.weights")]
+    assert weights.path == fetched

@@ -58,7 +58,7 @@ def test_ledger_counts_lines_and_summary(tmp_path) -> None:
     ledger.add(JobRecord(2, "SKIPPED", "seed=2", 0.1, "r2", 0.75))
     assert line.startswith("[job 3/4] SKIPPED seed=2 | test/acc=0.7500 | 0.1s | run r2 | ")
     assert "1 finished, 1 failed, 1 skipped" in ledger.progress_line(JobRecord(2, "SKIPPED", "seed=2", 0.1, "r2"))
-    assert ledger.counts() == {"finished": 1, "failed": 1, "skipped": 1}
+    assert ledger.counts() == {"finished": 1, "failed": 1, "skipped": 1, "paused": 0}
     summary = ledger.summary_line("s")
     assert summary.startswith("sweep s: 1 finished, 1 failed, 1 skipped of 4 in ")
     assert summary.endswith("failed: seed=1 (ValueError: x)")
@@ -75,3 +75,13 @@ def test_ctrl_c_says_what_finished_and_how_to_resume(tmp_path, capsys) -> None:
         "interrupted: 1 of 4 jobs finished (0 failed, 1 skipped); "
         "resume with: transferlab train -m experiment=default seed=0,1,2,3"
     )
+
+
+def test_a_paused_halving_job_is_neither_finished_nor_counted_done(tmp_path) -> None:
+    ledger = SweepLedger(tmp_path)
+    ledger.begin(2, ["seed"])
+    ledger.add(JobRecord(0, "PAUSED", "seed=0", 1.0, run_id="r0"))
+    line = ledger.progress_line(JobRecord(0, "PAUSED", "seed=0", 1.0, run_id="r0"))
+    assert "PAUSED seed=0 | paused at its rung's budget" in line
+    assert "test/acc=nan" not in line
+    assert ledger.counts() == {"finished": 0, "failed": 0, "skipped": 0, "paused": 1}

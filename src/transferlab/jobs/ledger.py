@@ -21,7 +21,7 @@ RECORDS_DIR = "jobs"
 @dataclass
 class JobRecord:
     num: int
-    status: str  # FINISHED | FAILED | SKIPPED
+    status: str  # FINISHED | FAILED | SKIPPED | PAUSED (a halving rung's budget reached)
     overrides: str
     seconds: float
     run_id: str = ""
@@ -64,7 +64,7 @@ class SweepLedger:
 
     def counts(self) -> dict[str, int]:
         records = self.records()
-        return {s.lower(): sum(r.status == s for r in records) for s in ("FINISHED", "FAILED", "SKIPPED")}
+        return {s.lower(): sum(r.status == s for r in records) for s in ("FINISHED", "FAILED", "SKIPPED", "PAUSED")}
 
     def tally(self) -> str:
         counts = self.counts()
@@ -72,10 +72,12 @@ class SweepLedger:
 
     def progress_line(self, record: JobRecord) -> str:
         meta, counts = self.meta, self.counts()
-        total, done = int(meta["total"]) or record.num + 1, sum(counts.values())
+        total, done = int(meta["total"]) or record.num + 1, sum(counts.values()) - counts["paused"]
         elapsed = time.time() - float(meta["started"])
         eta = elapsed / max(done, 1) * max(total - done, 0)
-        result = f"test/acc={record.test_acc:.4f}" if record.status != "FAILED" else record.reason
+        result = {"FAILED": record.reason, "PAUSED": "paused at its rung's budget"}.get(
+            record.status, f"test/acc={record.test_acc:.4f}"
+        )
         tally = self.tally()
         return (
             f"[job {record.num + 1}/{total}] {record.status} {record.overrides or '(no overrides)'} | {result} | "

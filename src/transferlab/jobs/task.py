@@ -71,6 +71,8 @@ def run_job(cfg: DictConfig) -> float:
                 with job_resources(cfg, sweep_dir):
                     metrics = run(cfg)
                 record.test_acc = float(metrics.get("test/acc", math.nan))
+                if "test/acc" not in metrics and cfg.trainer.get("stop_after_epochs") is not None:
+                    record.status = "PAUSED"  # a halving rung's budget: the run continues at the next rung
     except Exception as err:
         if not multirun:
             raise
