@@ -113,14 +113,29 @@ def label_runs(runs: pd.DataFrame) -> pd.DataFrame:
         if len(conds) < 2:
             continue
         varying = [c for c in pcols if conds[c].nunique() > 1]
+        if WEIGHTS in varying:  # the source says it all: "probe (from ImageNet)", not three params
+            varying = [WEIGHTS] + [c for c in varying if not c.startswith("params.backbone.")]
         for cond, values in conds.iterrows():
-            extra = ", ".join(f"{c[7:]}={values[c]}" for c in varying) or f"cond {cond[:8]}"
+            extra = ", ".join(_varied(c, values) for c in varying) or f"cond {cond[:8]}"
             df.loc[group.index[group["condition_hash"] == cond], "strategy"] = f"{base} ({extra})"
     if "start_time" in df:
         df = df.sort_values("start_time", kind="stable")
     counted = df.drop_duplicates(["target", "strategy", "seed"], keep="last")
     counted.attrs["n_superseded"] = len(df) - len(counted)
     return counted
+
+
+WEIGHTS = "params.backbone.weights"
+SOURCE_NAMES = {"pretrained": "ImageNet", "scratch": "scratch"}
+
+
+def _varied(column: str, values: pd.Series) -> str:
+    """One varying param in a strategy label; a backbone's weights as the source they came from."""
+    if column != WEIGHTS:
+        return f"{column[7:]}={values[column]}"
+    weights = str(values[column])
+    source = values.get("params.backbone.source", "source") if weights == "source" else weights
+    return f"from {SOURCE_NAMES.get(weights, source)}"
 
 
 def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
