@@ -19,7 +19,7 @@ from transferlab.errors import ConfigError
 from transferlab.jobs.upstream import is_remote, resolve_teacher
 from transferlab.preflight import check_writable
 from transferlab.transfer.backbone import build_model, input_spec, load_weights
-from transferlab.transfer.distill import load_teacher
+from transferlab.transfer.distill import check_teacher_classes, load_teacher
 
 _BUILT_IN = ("pretrained", "scratch", "source")
 
@@ -53,12 +53,8 @@ def check_teacher(cfg: DictConfig, spec, num_classes: int) -> None:
         load_teacher(weights, spec, num_classes)
         return
     pretrained = timm.models.get_pretrained_cfg(str(weights.backbone.name), allow_unregistered=True)
-    out = getattr(pretrained, "num_classes", None)
-    if out is not None and int(out) != num_classes:
-        raise ConfigError(
-            f"the teacher predicts {out} classes but the data has {num_classes}: "
-            "use a teacher trained on this target (finetune.teacher.weights=trained)"
-        )
+    if (out := getattr(pretrained, "num_classes", None)) is not None:
+        check_teacher_classes(int(out), num_classes)
 
 
 def _never(*args, **kwargs) -> dict[str, float]:

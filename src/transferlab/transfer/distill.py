@@ -106,17 +106,22 @@ class TeacherWeights:
     fit_flops: float = 0.0  # the teacher's own training, where its run says
 
 
+def check_teacher_classes(out: int, num_classes: int) -> None:
+    """The one rule: a teacher must predict the target's classes."""
+    if out != num_classes:
+        raise ConfigError(
+            f"the teacher predicts {out} classes but the data has {num_classes}: "
+            "use a teacher trained on this target (finetune.teacher.weights=trained)"
+        )
+
+
 def load_teacher(weights: TeacherWeights, student: InputSpec, num_classes: int) -> tuple[Teacher, dict[str, str]]:
     """The resolved teacher, checked to predict the target's classes."""
     model, features = _build_classifier(weights.backbone, weights.path)
     teacher = Teacher(model, student, input_spec(features, weights.backbone))
     with torch.no_grad():
         out = teacher(torch.zeros(2, student.in_chans, student.size, student.size)).shape[-1]
-    if out != num_classes:
-        raise ConfigError(
-            f"the teacher predicts {out} classes but the data has {num_classes}: "
-            "use a teacher trained on this target (finetune.teacher.weights=trained)"
-        )
+    check_teacher_classes(out, num_classes)
     teacher.fit_flops = weights.fit_flops
     return teacher, {**weights.run_tags, tags.TEACHER_NAME: str(weights.backbone.name)}
 
