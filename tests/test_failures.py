@@ -77,7 +77,7 @@ def test_ctrl_c_says_what_finished_and_how_to_resume(tmp_path, capsys) -> None:
     )
 
 
-def test_a_paused_halving_job_is_neither_finished_nor_counted_done(tmp_path) -> None:
+def test_a_paused_halving_job_is_not_counted_finished(tmp_path) -> None:
     ledger = SweepLedger(tmp_path)
     ledger.begin(2, ["seed"])
     ledger.add(JobRecord(0, "PAUSED", "seed=0", 1.0, run_id="r0"))
@@ -85,3 +85,16 @@ def test_a_paused_halving_job_is_neither_finished_nor_counted_done(tmp_path) -> 
     assert "PAUSED seed=0 | paused at its rung's budget" in line
     assert "test/acc=nan" not in line
     assert ledger.counts() == {"finished": 0, "failed": 0, "skipped": 0, "paused": 1}
+
+
+def test_a_rewritten_record_is_read_again(tmp_path) -> None:
+    """Records already read are kept per process; a record written again (a resumed sweep's job
+    with the same number) is read again."""
+    ledger = SweepLedger(tmp_path)
+    ledger.begin(2, ["seed"])
+    ledger.add(JobRecord(0, "PAUSED", "seed=0", 1.0, run_id="r0"))
+    assert [r.status for r in ledger.records()] == ["PAUSED"]
+    ledger.add(JobRecord(0, "FINISHED", "seed=0", 2.0, run_id="r0", test_acc=0.5))
+    ledger.add(JobRecord(1, "FAILED", "seed=1", 1.0, reason="x"))
+    assert [(r.status, r.test_acc) for r in SweepLedger(tmp_path).records()][0] == ("FINISHED", 0.5)
+    assert SweepLedger(tmp_path).counts() == {"finished": 1, "failed": 1, "skipped": 0, "paused": 0}

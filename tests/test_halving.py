@@ -14,11 +14,14 @@ from omegaconf import OmegaConf
 from conftest import FAST
 from transferlab import tags
 from transferlab.config import compose_config
+from transferlab.jobs.ledger import JobRecord, SweepLedger
+from transferlab.jobs.returns import JobOutcome
 from transferlab.studies.halving import (
     HalvingSweep,
     RungPruner,
     Settings,
     configurations,
+    planned_launches,
     rung_budgets,
 )
 from transferlab.studies.halving_report import halving_section, load_pruned
@@ -105,8 +108,9 @@ class PretendJobs:
     """Each job logs `val/acc` = base + 0.01 x epoch (+ 0.001 x seed) per epoch up to its
     `trainer.stop_after_epochs` (or 4), continuing its own run; it leaves a checkpoint dir."""
 
-    def __init__(self, cache: Path, fail_on_launch: int | None = None, score=None) -> None:
+    def __init__(self, cache: Path, fail_on_launch: int | None = None, score=None, ledger=None) -> None:
         self.cache, self.fail_on_launch, self.launches, self.epochs = cache, fail_on_launch, [], 0
+        self.ledger, self.totals = ledger, []  # the job lines' N as each launch starts
         self.score = score or (lambda o: BASE[(o["data.samples_per_class"], o["finetune.freeze_depth"])])
         self.client = mlflow.MlflowClient()
 
@@ -114,6 +118,8 @@ class PretendJobs:
         if len(self.launches) == self.fail_on_launch:
             raise KeyboardInterrupt  # the sweep is killed before this rung
         self.launches.append(batch)
+        if self.ledger is not None:
+            self.totals.append(self.ledger.meta["total"])
         exp = self.client.get_experiment_by_name("fake").experiment_id
         returns = []
         for job in batch:
@@ -138,8 +144,9 @@ class PretendJobs:
             for epoch in range(done, stop):
                 self.client.log_metric(run_id, "val/acc", base + 0.01 * epoch, step=epoch)
                 self.epochs += 1
+            status = "FINISHED" if stop == 4 else "PAUSED"
             self.client.set_terminated(run_id, "FINISHED" if stop == 4 else "SCHEDULED")
-            returns.append(SimpleNamespace(cfg=cfg))
+            returns.append(SimpleNamespace(return_value=JobOutcome(status, math.nan, run_id, key, str(self.cache))))
         return returns
 
 
@@ -186,6 +193,38 @@ def test_halving_prunes_per_target_and_marks_the_pruned_runs(store: str, tmp_pat
     for point in (("5", "1"), ("10", "0")):
         assert {r.info.status for r in runs[point]} == {"FINISHED"}
         assert {r.data.tags.get(tags.PRUNED) for r in runs[point]} == {None}
+
+
+@pytest.mark.parametrize(
+    ("alive", "rungs", "eta", "per_config", "expected"),
+    [([4, 4], 3, 2, 2, 28), ([9], 3, 3, 1, 13), ([2], 3, 3, 1, 4), ([0, 3], 2, 3, 2, 8), ([5], 0, 2, 3, 0)],
+)
+def test_planned_launches_keep_a_third_or_half_per_rung_and_target(alive, rungs, eta, per_config, expected) -> None:
+    assert planned_launches(alive, rungs, eta, per_config) == expected
+
+
+@pytest.mark.parametrize(
+    ("score", "launches", "totals"),
+    [
+        (None, [16, 8, 4], [28, 28, 28]),  # 4 configurations x 2 seeds per target, halved per rung
+        (lambda o: 0.5, [16, 16, 16], [28, 40, 48]),  # every score ties: none is pruned, N re-planned
+    ],
+    ids=["halved", "ties"],
+)
+def test_the_job_counter_counts_launches_against_the_planned_total(store, tmp_path, score, launches, totals) -> None:
+    """[job k/N]: k never passes N, though halving launches a job once per rung and ties at a
+    rung's cutoff promote more configurations than planned; the line names the rung."""
+    ledger = SweepLedger(tmp_path / "sweep")
+    jobs = PretendJobs(tmp_path / "cache", score=score, ledger=ledger)
+    _sweep(tmp_path, jobs).run([], GRID)
+    assert [len(b) for b in jobs.launches] == launches
+    assert jobs.totals == totals
+    ends = [sum(launches[: i + 1]) for i in range(len(launches))]  # the last job number of each rung
+    assert all(end <= total for end, total in zip(ends, totals))
+    line = ledger.progress_line(JobRecord(launches[0] + 1, "PAUSED", "seed=1", 1.0))
+    assert line.startswith(f"[job {launches[0] + 2}/{totals[-1]} rung 2/3] PAUSED seed=1 | ")
+    first = ledger.progress_line(JobRecord(0, "PAUSED", "seed=0", 1.0))
+    assert first.startswith(f"[job 1/{totals[-1]} rung 1/3] PAUSED")
 
 
 def test_a_killed_halving_sweep_resumes_at_its_rung(store: str, tmp_path: Path) -> None:
@@ -296,6 +335,8 @@ def test_halving_sweep_through_a_launcher(store: str, tmp_path: Path, launcher: 
     out = capfd.readouterr().out
     assert "rung 1/2 (budget 1 of 2 epochs): 2 configurations alive, 4 jobs to run" in out
     assert "rung 2/2 (budget 2 of 2 epochs): 1 configurations alive, 2 jobs to run" in out
+    heads = sorted(line.split("]")[0] + "]" for line in out.splitlines() if line.startswith("[job "))
+    assert heads == [f"[job {k}/6 rung {1 if k <= 4 else 2}/2]" for k in range(1, 7)]  # 4 + 2 launches
     client = mlflow.MlflowClient(store)
     runs = client.search_runs([client.get_experiment_by_name("halving").experiment_id], tags.role_query("job"))
     assert len(runs) == 4  # promoted jobs continued their runs

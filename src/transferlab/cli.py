@@ -148,7 +148,7 @@ def _hydra(args: list[str]) -> int:
     from transferlab.config import CONF_DIR
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)
-    def task(cfg) -> float:
+    def task(cfg):
         from transferlab.jobs.task import run_job
 
         try:

@@ -68,6 +68,13 @@ def start_sweep(label: str, total: int, live: bool = True) -> None:
     _bar = tqdm(total=total, desc=label, unit="job", file=sys.stderr, dynamic_ncols=True, leave=True)
 
 
+def sweep_total(total: int) -> None:
+    """The sweep re-planned how many jobs it launches (halving, before each rung)."""
+    if _bar is not None:
+        _bar.total = total
+        _bar.refresh()
+
+
 def sweep_job_started(what: str) -> None:
     if _bar is not None:
         _bar.set_postfix_str(what[:80], refresh=True)

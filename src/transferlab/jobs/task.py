@@ -20,6 +20,7 @@ from transferlab.jobs.failures import failure_reason
 from transferlab.jobs.ledger import JobRecord, SweepLedger
 from transferlab.jobs.parallel import job_resources, join_submitit_tasks
 from transferlab.jobs.resume import finished_job
+from transferlab.jobs.returns import JobOutcome
 from transferlab.jobs.run import run
 from transferlab.tracking.identity import config_hash, hydra_run
 from transferlab.tracking.links import ui_url
@@ -52,9 +53,10 @@ def _hydra_job() -> tuple[bool, int, list[str], Path | None, Path | None]:
     return multirun, num, list(hc.overrides.task), Path(hc.sweep.dir) if multirun else None, log
 
 
-def run_job(cfg: DictConfig) -> float:
+def run_job(cfg: DictConfig) -> JobOutcome:
     """Hydra's task body. In a multirun a failing job is recorded and the sweep goes on; a single
-    run raises as before. Either way one line says how the job ended."""
+    run raises as before. Either way one line says how the job ended; the sweeper gets a small
+    JobOutcome back (jobs.returns)."""
     quiet_lightning()
     join_submitit_tasks()
     multirun, num, overrides, sweep_dir, log = _hydra_job()
@@ -80,11 +82,12 @@ def run_job(cfg: DictConfig) -> float:
         if log is not None and not console.verbose():
             record.reason += f" (log: {log})"
     record.seconds = time.perf_counter() - start
+    key = config_hash(cfg)
     if rank_zero_only.rank != 0:  # DDP ranks of one job: rank 0 speaks for it
-        return record.test_acc
+        return JobOutcome(record.status, record.test_acc, "", key, str(cfg.cache_dir))
     client, exp_id = experiment_id(cfg.tracking)
     if not record.run_id:
-        record.run_id = _latest_run_id(client, exp_id, config_hash(cfg))
+        record.run_id = _latest_run_id(client, exp_id, key)
     if ledger is not None:
         ledger.add(record)
         console.sweep_job_ended(ledger.tally())
@@ -96,7 +99,7 @@ def run_job(cfg: DictConfig) -> float:
             f"{ui_url(exp_id, record.run_id, tracking_uri(cfg.tracking))}",
             flush=True,
         )
-    return record.test_acc
+    return JobOutcome(record.status, record.test_acc, record.run_id, key, str(cfg.cache_dir))
 
 
 def _latest_run_id(client, exp_id: str, key: str) -> str:

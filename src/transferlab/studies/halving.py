@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,11 +24,11 @@ import mlflow
 import optuna
 from omegaconf import DictConfig
 
-from transferlab import tags
+from transferlab import console, tags
 from transferlab.config import parse_sweep
 from transferlab.errors import ConfigError
+from transferlab.jobs.ledger import SweepLedger
 from transferlab.jobs.resume import JobCheckpoint
-from transferlab.tracking.identity import config_hash
 from transferlab.tracking.run import experiment_id
 
 SCORES = ("best", "last")
@@ -93,6 +94,16 @@ def rung_budgets(min_budget: int, eta: int, max_budget: int) -> list[int]:
         budgets.append(budget)
         budget *= int(eta)
     return [*budgets, int(max_budget)]
+
+
+def planned_launches(alive: Sequence[int], rungs: int, eta: int, per_config: int) -> int:
+    """Jobs that `rungs` rungs launch when each target starts with `alive[i]` configurations and
+    keeps max(1, n // eta) per rung (the rung pruner's rule; the sweep re-plans before each rung)."""
+    total = 0
+    for n in (a for a in alive if a > 0):
+        for _ in range(rungs):
+            total, n = total + n * per_config, max(1, n // int(eta))
+    return total
 
 
 def configurations(overrides: Sequence[str], grid: dict[str, Any] | None) -> tuple[list[str], list[Configuration]]:
@@ -178,6 +189,8 @@ class HalvingSweep:
         self.storage = settings.storage or f"sqlite:///{Path(sweep_dir).resolve() / 'halving.db'}"
         self.client, self.exp_id = experiment_id(config.tracking)
         self.studies: dict[str, optuna.Study] = {}
+        self.ledger = SweepLedger(sweep_dir)  # the job lines' counter: launches against the planned total
+        self.launched = 0
         optuna.logging.set_verbosity(optuna.logging.WARNING)
 
     def run(self, overrides: Sequence[str], grid: dict[str, Any] | None) -> dict[str, str]:
@@ -191,14 +204,21 @@ class HalvingSweep:
             raise ConfigError(
                 f"hydra.sweeper.search samples configurations: sweep only data* keys and seed, not {swept}"
             )
+        targets = [int(self.settings.n_trials)] * len({c.target for c in found})
+        wave_jobs = planned_launches(targets, len(budgets), self.settings.eta, len(found[0].jobs(fixed, None)))
         for wave in range(int(self.settings.waves)):
             print(f"wave {wave + 1}/{self.settings.waves}: {self.settings.n_trials} sampled configurations per target")
-            self._halve(self._sampled(found, wave), fixed, budgets)
+            later = wave_jobs * (int(self.settings.waves) - wave - 1)
+            self._halve(self._sampled(found, wave), fixed, budgets, later)
         return self._winners()
 
-    def _halve(self, trials: list[tuple[optuna.Study, optuna.Trial]], fixed: list[str], budgets: list[int]) -> None:
-        """Successive halving over these trials, rung by rung (a resumed sweep skips what is done)."""
+    def _halve(
+        self, trials: list[tuple[optuna.Study, optuna.Trial]], fixed: list[str], budgets: list[int], later: int = 0
+    ) -> None:
+        """Successive halving over these trials, rung by rung (a resumed sweep skips what is done);
+        `later`: the jobs of the waves after this one, for the planned total."""
         by_key = {t.user_attrs["config"]: _configuration(t) for _, t in trials}
+        per_config = max((len(c.jobs(fixed, None)) for c in by_key.values()), default=0)
         for number, budget in enumerate(budgets, start=1):
             last = number == len(budgets)
             alive = [(study, t) for study, t in trials if _state(study, t) == optuna.trial.TrialState.RUNNING]
@@ -209,12 +229,23 @@ class HalvingSweep:
                 f"alive, {jobs} jobs to run",
                 flush=True,
             )
+            self._plan(alive, jobs, per_config, len(budgets) - number, later, f"{number}/{len(budgets)}")
             self._run_rung([(s, t, by_key[t.user_attrs["config"]]) for s, t in todo], fixed, budget, last)
             for study, trial in alive:
                 if last:
                     self._finish(study, trial, budget)
                 else:
                     self._decide(study, trial, number, budget)
+
+    def _plan(self, alive: list, jobs: int, per_config: int, rungs_after: int, later: int, rung: str) -> None:
+        """Before a rung (`rung`: "r/R"): the job lines' N is the launches so far, this rung's, and
+        those its alive configurations make at later rungs; this rung's jobs are numbered on."""
+        per_target = Counter(t.user_attrs["target"] for _, t in alive)
+        eta = int(self.settings.eta)
+        after = planned_launches([max(1, n // eta) for n in per_target.values()], rungs_after, eta, per_config)
+        total = self.launched + jobs + after + later
+        self.ledger.plan_rung(total, *map(int, rung.split("/")), first=self.launched)
+        console.sweep_total(total)
 
     def _study(self, target: str) -> optuna.Study:
         """The target's study in the storage, created or found again (resume)."""
@@ -268,6 +299,7 @@ class HalvingSweep:
         """Launch every job of the rung at once (the launcher runs them in parallel), then report."""
         batches = [config.jobs(fixed, None if last else budget) for _, _, config in todo]
         results = self.launch([job for batch in batches for job in batch]) if batches else []
+        self.launched += sum(map(len, batches))
         it = iter(results)
         for (_, trial, config), batch in zip(todo, batches):
             jobs = [self._result(seed, next(it)) for seed, _ in zip(config.seeds or ("",), batch)]
@@ -276,14 +308,14 @@ class HalvingSweep:
             trial.report(math.nan if any(math.isnan(s) for s in scores) else sum(scores) / len(scores), budget)
 
     def _result(self, seed: str, ret: Any) -> JobResult:
-        cfg = ret.cfg
-        key = config_hash(cfg)
+        outcome = ret.return_value  # jobs.returns.JobOutcome: the JobReturn's configs are dropped
+        key = outcome.config_hash
         query = f"tags.`{tags.CONFIG_HASH}` = '{key}'"
         found = self.client.search_runs([self.exp_id], query, max_results=1, order_by=["attributes.start_time DESC"])
         run_id = found[0].info.run_id if found else None
         ok = run_id is not None and found[0].info.status in ("FINISHED", "SCHEDULED")
         score = rung_score(self.client, run_id, self.settings.metric, self.settings.score) if ok else math.nan
-        return JobResult(seed, key, str(cfg.cache_dir), run_id, score)
+        return JobResult(seed, key, outcome.cache_dir, run_id, score)
 
     def _decide(self, study: optuna.Study, trial: optuna.Trial, number: int, budget: int) -> None:
         """Prune or promote after a rung; a decision is recorded once, so a resumed sweep keeps it."""
