@@ -79,6 +79,7 @@ FIELDS: dict[str, Field] = {
     "data.batch_size": _int(1, 64),
     "data.num_workers": _int(0, 0, nullable=True),
     "data.split_seed": _int(0, 0),
+    "data.channels": _int(1, 4),
 }
 
 

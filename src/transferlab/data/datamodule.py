@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from torch import distributed as dist
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
 
-from transferlab.data.base import SPLIT_NAMES, TEST, TRAIN, VAL
+from transferlab.data.base import PIL_MODES, SPLIT_NAMES, TEST, TRAIN, VAL, data_channels
 from transferlab.data.sources import SOURCES
 from transferlab.data.splits import (
     assign_splits,
@@ -94,6 +94,13 @@ def validate_data_config(cfg: DictConfig) -> None:
         raise ConfigError(f"data.augment_on={cfg.get('augment_on')!r} is unknown: use one of {places}")
     if float(cfg.get("ram_budget_mb", 0)) < 0:
         raise ConfigError("data.ram_budget_mb must be >= 0 (0 = always read from disk)")
+    channels = data_channels(cfg)
+    if source == "imagefolder" and channels not in PIL_MODES:
+        modes = ", ".join(f"{c} ({m})" for c, m in PIL_MODES.items())
+        raise ConfigError(
+            f"data.channels={channels} with data.source=imagefolder: image files give {modes}; "
+            "save a stack with another channel count as .npy and use data=npy"
+        )
     if source in _NEEDS_ROOT and cfg.get("root") is None:
         raise ConfigError(f"data.root is required for data.source={source}: set data.root=PATH")
 

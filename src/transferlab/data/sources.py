@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 from transferlab.data.base import Loader, SourceData
 from transferlab.data.imagefolder import load_imagefolder
+from transferlab.data.npystack import load_npy
 from transferlab.data.transforms import InputSpec
 from transferlab.data.tvsets import TORCHVISION_SOURCES
 from transferlab.errors import DataError
@@ -93,5 +94,6 @@ SOURCES: dict[str, Loader] = {
     "animals": load_animals,
     "digits": load_digits,
     "imagefolder": load_imagefolder,
+    "npy": load_npy,
     **TORCHVISION_SOURCES,
 }

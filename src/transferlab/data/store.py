@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from transferlab import cache, console
-from transferlab.data.base import SourceData, SourceFiles, fit_pil
+from transferlab.data.base import SourceData, SourceFiles, check_array_channels, data_channels, fit_pil
 from transferlab.data.sources import SOURCES
 from transferlab.data.transforms import InputSpec, resize_cached
 from transferlab.errors import DataError
@@ -89,12 +89,17 @@ def decode_workers(n: int) -> int:
     return 1 if n < 64 else max(1, len(os.sched_getaffinity(0)))
 
 
-def decode_one(files: SourceFiles, i: int, spec: InputSpec) -> tuple[np.ndarray | None, bool, str | None]:
-    """-> (uint8 [3, S, S] or None, is greyscale, error name)."""
+def decode_one(
+    files: SourceFiles, i: int, spec: InputSpec, channels: int = 3
+) -> tuple[np.ndarray | None, bool, str | None]:
+    """-> (uint8 [channels, S, S] or None, is greyscale, error name). A file that decodes but
+    lacks the channels asked for is a DataError, never skipped as unreadable."""
     try:
         with files.open(i) as img:
             img.load()
-            return fit_pil(img, spec), img.mode in _GREY_MODES, None
+            return fit_pil(img, spec, channels, files.name(i)), img.mode in _GREY_MODES, None
+    except DataError:
+        raise
     except _DECODE_ERRORS as err:
         return None, False, type(err).__name__
 
@@ -102,9 +107,9 @@ def decode_one(files: SourceFiles, i: int, spec: InputSpec) -> tuple[np.ndarray 
 def decode_files(
     files: SourceFiles, spec: InputSpec, out: np.ndarray, workers: int | None = None
 ) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
-    """Decode every file into `out` (uint8 [N, 3, S, S], RAM or memmap) with a thread pool,
-    one chunk at a time -> (ok mask, greyscale mask, {index: error})."""
-    n = len(files.labels)
+    """Decode every file into `out` (uint8 [N, C, S, S], RAM or memmap; C = data.channels) with a
+    thread pool, one chunk at a time -> (ok mask, greyscale mask, {index: error})."""
+    n, channels = len(files.labels), out.shape[1]
     ok, grey, bad = np.zeros(n, bool), np.zeros(n, bool), {}
     with (
         ThreadPoolExecutor(workers or decode_workers(n)) as pool,
@@ -112,7 +117,8 @@ def decode_files(
     ):
         for start in range(0, n, _CHUNK):
             idx = range(start, min(n, start + _CHUNK))
-            for i, (arr, is_grey, err) in zip(idx, pool.map(lambda j: decode_one(files, j, spec), idx), strict=True):
+            decoded = pool.map(lambda j: decode_one(files, j, spec, channels), idx)
+            for i, (arr, is_grey, err) in zip(idx, decoded, strict=True):
                 if arr is None:
                     bad[i] = err
                     continue
@@ -123,7 +129,7 @@ def decode_files(
 
 def _resized_chunks(images: np.ndarray, spec: InputSpec) -> Iterator[tuple[int, np.ndarray]]:
     for start in range(0, len(images), _CHUNK):
-        chunk = torch.from_numpy(np.ascontiguousarray(images[start : start + _CHUNK]))
+        chunk = torch.from_numpy(np.array(images[start : start + _CHUNK], copy=True))  # memmaps are read-only
         yield start, resize_cached(chunk, spec).numpy()
 
 
@@ -146,18 +152,19 @@ def _warn_skipped(bad: dict, files: SourceFiles) -> None:
 
 def decode_in_memory(cfg: DictConfig, spec: InputSpec) -> Prepared:
     """No cache folder: decode straight into RAM (tests, one-off runs)."""
-    found = SOURCES[cfg.source](cfg, spec)
+    found, channels = SOURCES[cfg.source](cfg, spec), data_channels(cfg)
     if isinstance(found, SourceData):
+        check_array_channels(found, channels, str(cfg.source))
         chunks = [chunk for _, chunk in _resized_chunks(found.images, spec)]
         images = np.concatenate(chunks) if chunks else found.images
         return Prepared(images, found.labels, found.class_names, found.split, found.skipped)
     size = spec.store_size
-    out = np.empty((len(found.labels), 3, size, size), dtype=np.uint8)
+    out = np.empty((len(found.labels), channels, size, size), dtype=np.uint8)
     ok, grey, bad = decode_files(found, spec, out)
     _check_bad(found, bad, bool(cfg.get("skip_corrupt", False)))
     _check_classes(found.labels, ok, found.class_names)
     _warn_skipped(bad, found)
-    images = out[ok][:, :1] if grey[ok].all() else out[ok]  # all greyscale: keep one channel
+    images = out[ok][:, :1] if channels == 3 and grey[ok].all() else out[ok]  # all greyscale: keep one channel
     split = None if found.split is None else found.split[ok]
     return Prepared(np.ascontiguousarray(images), found.labels[ok], found.class_names, split, len(bad))
 
@@ -182,9 +189,14 @@ def source_fingerprint(cfg: DictConfig) -> str:
 
 
 def store_key(cfg: DictConfig, spec: InputSpec) -> str:
-    """One store per (source files, stored size, interpolation): every class subset, fraction,
-    seed and model of that input size shares it."""
-    return cache.cache_key(STORE_VERSION, str(cfg.source), source_fingerprint(cfg), spec.store_size, spec.interpolation)
+    """One store per (source files, stored size, interpolation, channels): every class subset,
+    fraction, seed and model of that input size shares it. Channels join the key only when not
+    3, so stores made before data.channels existed keep their keys."""
+    channels = data_channels(cfg)
+    extra = () if channels == 3 else (channels,)
+    return cache.cache_key(
+        STORE_VERSION, str(cfg.source), source_fingerprint(cfg), spec.store_size, spec.interpolation, *extra
+    )
 
 
 def _raw(path: Path, shape: tuple[int, ...]) -> np.ndarray:
@@ -197,21 +209,22 @@ def _raw(path: Path, shape: tuple[int, ...]) -> np.ndarray:
 
 def _build_store(cfg: DictConfig, spec: InputSpec, folder: Path) -> dict:
     """Decode the source into folder/images.u8, chunk by chunk (never all of it in RAM)."""
-    found = SOURCES[cfg.source](cfg, spec)
+    found, channels = SOURCES[cfg.source](cfg, spec), data_channels(cfg)
     n, size = len(found.labels), spec.store_size
     meta = {"class_names": list(found.class_names), "bad": {}, "skipped": 0}
     if isinstance(found, SourceData):
+        check_array_channels(found, channels, str(cfg.source))
         shape = (n, found.images.shape[1], size, size)
         out = _raw(folder / IMAGES, shape)
         for start, chunk in _resized_chunks(found.images, spec):
             out[start : start + len(chunk)] = chunk
         ok, meta["skipped"] = np.ones(n, bool), int(found.skipped)
     else:
-        shape = (n, 3, size, size)
+        shape = (n, channels, size, size)
         out = _raw(folder / IMAGES, shape)
         ok, grey, bad = decode_files(found, spec, out)
         meta["bad"] = {found.name(i): err for i, err in sorted(bad.items())}
-        if n and grey[ok].all():  # all greyscale: keep one channel
+        if n and channels == 3 and grey[ok].all():  # all greyscale: keep one channel
             shape = (n, 1, size, size)
             one = _raw(folder / "grey.u8", shape)
             for start in range(0, n, _CHUNK):

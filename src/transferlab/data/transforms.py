@@ -43,12 +43,13 @@ def interpolation_mode(name: str) -> InterpolationMode:
 
 
 def check_channels(channels: int, spec: InputSpec) -> None:
-    """Greyscale can be repeated to fit an RGB backbone; any other mismatch is a config error."""
+    """Greyscale can be repeated to fit an RGB backbone; any other mismatch is a config error
+    (backbone.in_chans follows data.channels unless overridden)."""
     if channels == spec.in_chans or (channels == 1 and spec.in_chans == 3):
         return
     raise ConfigError(
         f"data has {channels} channel(s) but backbone.in_chans={spec.in_chans}: "
-        f"set backbone.in_chans={channels} (or 3 for greyscale data)"
+        f"set backbone.in_chans={channels} or drop that override (it follows data.channels)"
     )
 
 

@@ -68,9 +68,13 @@ def fetch_weights(uri: str, cfg: DictConfig, field: str) -> Path:
 
 
 def source_config(cfg: DictConfig) -> DictConfig:
-    """The source task for this run's backbone, logged to the same store, from random init."""
+    """The source task for this run's backbone, logged to the same store, from random init.
+    It keeps this run's in_chans when that is greyscale or its own data's channel count;
+    otherwise (4 for RGBA) it trains on its own data's channels and the target adapts its first conv."""
     src = compose_config([f"experiment={cfg.backbone.source}", *cfg.backbone.get("source_overrides", [])])
     backbone = OmegaConf.to_container(cfg.backbone, resolve=True) | {"weights": "scratch"}
+    if backbone["in_chans"] not in (1, src.backbone.in_chans):
+        backbone["in_chans"] = src.backbone.in_chans
     OmegaConf.update(src, "backbone", backbone, merge=False)
     OmegaConf.update(
         src,

@@ -134,10 +134,7 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
 def apply_state(model: torch.nn.Module, state: dict[str, torch.Tensor], label: str) -> None:
     """`load_weights` for a state dict already in memory; `label` names it in errors."""
     own = model.state_dict()
-    first_conv = model.pretrained_cfg.get("first_conv")
-    for name in [f"{first_conv}.weight"] if first_conv else []:
-        if name in state and name in own and state[name].shape[1] != own[name].shape[1]:
-            state[name] = adapt_input_conv(own[name].shape[1], state[name])
+    adapt_first_conv(model, state, label)
     if any(k in own and v.shape != own[k].shape for k, v in state.items() if "pos_embed" in k):
         # Saved at another img_size: timm's own filter resamples position embeddings, as it does
         # for hub weights.
@@ -159,6 +156,31 @@ def apply_state(model: torch.nn.Module, state: dict[str, torch.Tensor], label: s
         )
 
 
+def adapt_first_conv(model: torch.nn.Module, state: dict[str, torch.Tensor], label: str) -> None:
+    """Fit the first conv of `state` (trained on its own channel count) to `model`'s input
+    channels in place, by timm's `adapt_input_conv`: 1 channel sums the filters; more repeat them
+    cyclically (R, G, B, R, ...) scaled by old/new channels. Weights it cannot adapt are a
+    one-line error, never the silent random init timm's `load_pretrained` falls back to."""
+    own = model.state_dict()
+    first_conv = model.pretrained_cfg.get("first_conv") or ()
+    for conv in (first_conv,) if isinstance(first_conv, str) else first_conv:
+        name = f"{conv}.weight"
+        if name not in state or name not in own or state[name].shape == own[name].shape:
+            continue
+        weight, want = state[name], own[name].shape
+        try:
+            adapted = adapt_input_conv(want[1], weight, base_chans=weight.shape[1]) if weight.ndim == 4 else None
+        except (NotImplementedError, ValueError, AssertionError):
+            adapted = None
+        if adapted is None or adapted.shape != want:
+            raise ConfigError(
+                f"the first conv {name} in {label} has shape {tuple(weight.shape)} and cannot be adapted to "
+                f"{type(model).__name__}'s {tuple(want)}: check backbone.name, or train with the weights' "
+                f"{weight.shape[1] if weight.ndim == 4 else '?'} channels (data.channels)"
+            )
+        state[name] = adapted
+
+
 def input_spec(model: torch.nn.Module, cfg: DictConfig) -> InputSpec:
     """Size and normalisation from the backbone's pretrained data config, fitted to in_chans."""
     data_cfg = timm.data.resolve_model_data_config(model)
@@ -170,7 +192,8 @@ def input_spec(model: torch.nn.Module, cfg: DictConfig) -> InputSpec:
 
 
 def _fit(values: tuple[float, ...], chans: int) -> tuple[float, ...]:
-    """Greyscale gets the average statistic; extra channels (depth, ...) get it appended."""
+    """Greyscale gets the average of the RGB statistics; extra channels (alpha, depth, ...) get
+    that average appended, so the pretrained RGB normalisation stays as it was."""
     average = sum(values) / len(values)
     if chans <= len(values):
         return values if chans == len(values) else (average,) * chans
