@@ -110,3 +110,23 @@ def test_target_check_is_what_the_job_sees(store, tmp_path) -> None:
     data = build_datamodule(cfg.data, spec, int(cfg.seed), cache_dir=cfg.cache_dir)
     assert sizes == {split: int(data.count_metrics()[f"data/{split}_size"]) for split in ("train", "val", "test")}
     assert sizes["train"] == 70
+
+
+def test_no_data_check_leaves_the_check_to_each_job(store, tmp_path, monkeypatch, capfd) -> None:
+    """On a cluster the data may exist only on the nodes: `--no-data-check` skips the check on the
+    submitting machine, and the job still refuses the bad root with the same one-line error."""
+    import transferlab.cli
+
+    def checked_here(combos):
+        raise AssertionError("the pre-sweep data check ran despite --no-data-check")
+
+    monkeypatch.setattr(transferlab.cli, "_check_targets", checked_here)
+    try:
+        code = main(["train", "--no-data-check", *_empty_root(tmp_path), *QUICK])
+    except SystemExit as stop:
+        code = stop.code
+    out, err = capfd.readouterr()
+    assert "--no-data-check" in out
+    assert code != 0
+    assert "no class folders in" in out + err  # the job's own check
+    assert "training source model" not in out + err

@@ -70,30 +70,53 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args: list[str]) -> int:
-    from transferlab.config import check_config, compose_config, sweep_choices, validate
+    from transferlab.config import (
+        SweepChecks,
+        check_config,
+        check_value,
+        compose_config,
+        sweep_checks,
+        validate,
+        with_value,
+    )
 
-    args = _verbosity(args)
+    args, data_check = _data_check_flag(_verbosity(args))
     flags = [a for a in args if a.startswith("-")]
     if set(flags) - {"-m", "--multirun"}:  # help, --cfg, --config-dir ...: Hydra's own handling
         return _hydra(args)
     overrides = [a for a in args if not a.startswith("-")]
+    checks = SweepChecks([overrides])
     if flags:
-        _check_keys(sweep_choices(overrides)[0])
-        base = compose_config(sweep_choices(overrides)[0], hydra_cfg=True)
-        choices = sweep_choices(overrides, base)
-    else:
-        choices = [overrides]
+        first = sweep_checks(overrides).compose[0]
+        _check_keys(first)
+        checks = sweep_checks(overrides, compose_config(first, hydra_cfg=True))
     combos = []
-    for combo in choices:
+    for combo in checks.compose:
         _check_keys(combo)
         combos.append(compose_config(combo))
-    for cfg in combos:  # no torch imported yet: typos and bad values answer at once
+    for key, value in checks.schema:  # no torch imported yet: typos and bad values answer at once
+        check_value(key, value)
+    combos += [with_value(combos[0], key, value) for key, value in checks.derive]
+    for cfg in combos:
         check_config(cfg)
     for cfg in combos:
         validate(cfg)
     _probe_services(combos)
-    _check_targets(combos)
+    if data_check:
+        _check_targets(combos)
+    else:
+        print(f"transferlab: {NO_DATA_CHECK}: data, weights and teachers are checked by each job, where it runs")
     return _hydra(args)
+
+
+NO_DATA_CHECK = "--no-data-check"
+
+
+def _data_check_flag(args: list[str]) -> tuple[list[str], bool]:
+    """`--no-data-check`: skip the pre-sweep check of every target's data, weights files and
+    teachers on this machine, for clusters whose data exists only on the nodes (each job still
+    checks its own before it trains)."""
+    return [a for a in args if a != NO_DATA_CHECK], NO_DATA_CHECK not in args
 
 
 def _verbosity(args: list[str]) -> list[str]:
@@ -117,11 +140,10 @@ def _check_targets(combos: list) -> None:
 
 
 def _check_keys(overrides: list[str]) -> None:
-    from transferlab.config import CONF_DIR, compose_config
+    from transferlab.config import compose_config, config_groups
     from transferlab.overrides import check_override_keys
 
-    groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
-    check_override_keys(overrides, compose_config, groups)
+    check_override_keys(overrides, compose_config, config_groups())
 
 
 def _probe_services(combos: list) -> None:
@@ -277,11 +299,15 @@ def _reproduce(args: list[str]) -> int:
 
 def _ui(args: list[str]) -> int:
     """`mlflow server` on the local store, quiet (no per-request log), ended by Ctrl-C without a traceback."""
+    from importlib.metadata import entry_points
+
     import mlflow
     from omegaconf import OmegaConf
 
+    from transferlab import tags
     from transferlab.tracking.links import chart_url, set_default_view, ui_url
     from transferlab.tracking.run import tracking_uri
+    from transferlab.tracking.ui_app import UI_APP
 
     parser = argparse.ArgumentParser(prog="transferlab ui", description="MLflow UI on the local store.")
     parser.add_argument("--port", type=int, default=5000)
@@ -297,6 +323,10 @@ def _ui(args: list[str]) -> int:
         set_default_view(client, exp.experiment_id)  # stores made before the view existed
         print(f"  {exp.name}: {ui_url(exp.experiment_id, base=base)}", flush=True)
         print(f"  {exp.name}, accuracy vs GFLOPs: {chart_url(exp.experiment_id, base=base)}", flush=True)
+        query, order = tags.role_query(tags.ROLE_SWEEP), ["attributes.start_time DESC"]
+        if sweeps := client.search_runs([exp.experiment_id], query, max_results=1, order_by=order):
+            link = ui_url(exp.experiment_id, sweeps[0].info.run_id, base=base)
+            print(f"  {exp.name}, last sweep (best per target, report): {link}", flush=True)
     # One worker and no job runner: ~0.5 GB instead of ~3 GB (shared NOTES). No access log, and
     # starlette's deprecation notice about mlflow's own import silenced: the terminal stays readable.
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
@@ -304,6 +334,8 @@ def _ui(args: list[str]) -> int:
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--registry-store-uri", uri]
     cmd += ["--default-artifact-root", artifacts, "--host", opts.host, "--port", str(opts.port), "--workers", "1"]
     cmd += ["--uvicorn-opts", "--no-access-log --log-level warning"]
+    if entry_points(group="mlflow.app", name=UI_APP):  # installed with the package (pyproject.toml)
+        cmd += ["--app-name", UI_APP]  # MLflow's app with its assistant panel closed at first view
     # Its own session: a terminal Ctrl-C reaches only this process, which stops the server with one
     # SIGTERM (a SIGINT to uvicorn's whole group cancels its lifespan task and prints a traceback).
     server = subprocess.Popen(cmd, env=env, start_new_session=True)
