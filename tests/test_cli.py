@@ -4,7 +4,7 @@ import pytest
 
 from conftest import FAST
 from transferlab.cli import main
-from transferlab.config import compose_config, sweep_choices, validate
+from transferlab.config import compose_config, sweep_checks, validate
 from transferlab.errors import ConfigError
 
 
@@ -23,19 +23,39 @@ def test_unknown_backbone_is_one_line_error(capsys) -> None:
     assert "not a timm model" in err
 
 
-def test_sweep_choices_touch_every_value_once() -> None:
-    combos = sweep_choices(["a=1", "b=x,y,z", "c=p,q"])
-    assert combos[0] == ["a=1", "b=x", "c=p"]
-    assert len(combos) == 1 + 2 + 1  # first combo, then each remaining value once
-    seen = {o for combo in combos for o in combo}
-    assert {"b=x", "b=y", "b=z", "c=p", "c=q"} <= seen
+def test_sweep_checks_compose_group_choices_and_check_each_field_value_once() -> None:
+    checks = sweep_checks(
+        ["a=1", "finetune=probe,fine_tune,scratch", "data.samples_per_class=5,10,5", "seed=range(0,1000)"]
+        + ["optim.lr=0.1,abc"]
+    )
+    assert checks.compose[0] == ["a=1", "finetune=probe", "data.samples_per_class=5", "seed=0", "optim.lr=0.1"]
+    assert [c[1:] for c in checks.compose[1:]] == [
+        ["data.samples_per_class=5", "seed=0", "optim.lr=0.1", "finetune=fine_tune"],
+        ["data.samples_per_class=5", "seed=0", "optim.lr=0.1", "finetune=scratch"],
+    ]  # 3 compositions for 3 x 2 x 1,000 x 2 jobs
+    assert checks.derive == [("data.samples_per_class", 10)]  # set into the first point, checked whole
+    assert checks.schema == [("seed", s) for s in range(1, 1000)] + [("optim.lr", "abc")]
 
 
 def test_experiment_grid_values_are_validated() -> None:
     base = compose_config(["experiment=default"], hydra_cfg=True)
-    combos = sweep_choices(["experiment=default"], base)
+    combos = sweep_checks(["experiment=default"], base).compose
     assert any("finetune=probe_early" in c for c in combos)
     assert any("data=digits" in c for c in combos)
+
+
+def test_a_bad_seed_among_many_fails_without_composing_per_seed(monkeypatch, capsys) -> None:
+    import transferlab.config
+
+    composed = []
+    compose = transferlab.config.compose_config
+    monkeypatch.setattr(transferlab.config, "compose_config", lambda *a, **k: composed.append(a) or compose(*a, **k))
+    seeds = ",".join(map(str, range(300)))
+    assert main(["train", "-m", *FAST, f"seed={seeds},-1"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "transferlab train: error: seed=-1 is invalid: use an integer >= 0, e.g. seed=0"
+    )
+    assert len(composed) <= 4  # the first grid point's keys and config, not one per seed
 
 
 @pytest.mark.parametrize(

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +16,13 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
 from transferlab.errors import ConfigError
-from transferlab.schema import check_fields
+from transferlab.schema import FIELDS, check_fields
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+# The parts of a config that `validate`, the target check and the service probes read together
+# with other fields: a swept value in one of them is checked in a whole config. Nothing reads a
+# value elsewhere (seed, optim.*) before a job but its schema rule, so that rule alone checks it.
+CHECKED_WHOLE = ("data", "backbone", "finetune", "trainer", "tracking", "cache_dir")
 
 
 def compose_config(overrides: list[str] | tuple[str, ...] = (), hydra_cfg: bool = False) -> DictConfig:
@@ -65,18 +71,56 @@ def sweep_grid(overrides: list[str], grid: Mapping[str, Any] | None = None) -> t
     return math.prod(len(v) for v in sweeps.values()), [k for k, v in sweeps.items() if len(v) > 1]
 
 
-def sweep_choices(overrides: list[str], cfg: DictConfig | None = None) -> list[list[str]]:
-    """Override lists that together touch every value of every sweep (command line and an
-    experiment's `hydra.sweeper.params`), one sweep value at a time: a bad value in a 100-job
-    grid fails before the first job, at the cost of one compose per value, not per job."""
+def config_groups() -> set[str]:
+    """The config groups (`data=digits`, `finetune=probe`): the folders of conf/."""
+    return {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
+
+
+@dataclass
+class SweepChecks:
+    """A multirun's values, each checked once before the first job (`sweep_checks`)."""
+
+    compose: list[list[str]]  # composed and checked whole: the first grid point, then each other group choice
+    derive: list[tuple[str, Any]] = field(default_factory=list)  # CHECKED_WHOLE fields: set into the first point
+    schema: list[tuple[str, Any]] = field(default_factory=list)  # other fields: their schema rule alone
+
+
+def sweep_checks(overrides: list[str], cfg: DictConfig | None = None) -> SweepChecks:
+    """Every value of every sweep (command line and an experiment's `hydra.sweeper.params`), one
+    at a time from the first grid point: a bad value in a 1,000-job grid fails before the first
+    job. Only group choices (and +/~ keys) are composed; another value of a CHECKED_WHOLE field is
+    set into the first point's composed config; any other value (1,000 seeds) is checked by its
+    schema rule, with no config at all."""
     grid = OmegaConf.select(cfg, "hydra.sweeper.params") if cfg is not None else None
     fixed, sweeps = parse_sweep(overrides, grid)
     first = [f"{k}={v[0]}" for k, v in sweeps.items()]
-    combos = [fixed + first]
+    checks = SweepChecks([fixed + first])
+    parser, groups = OverridesParser.create(), config_groups()
     for key, values in sweeps.items():
-        rest = [f for f in first if not f.startswith(f"{key}=")]
-        combos += [fixed + rest + [f"{key}={value}"] for value in values[1:]]
-    return combos
+        head = parser.parse_override(f"{key}={values[0]}")
+        name = head.key_or_group
+        if name.split("@")[0] in groups or "/" in name or name.startswith("hydra") or key[0] in "+~":
+            rest = [f for f in first if not f.startswith(f"{key}=")]
+            checks.compose += [fixed + rest + [f"{key}={value}"] for value in values[1:]]
+            continue
+        typed = [(name, parser.parse_override(f"{key}={value}").value()) for value in list(dict.fromkeys(values))[1:]]
+        (checks.derive if name.split(".")[0] in CHECKED_WHOLE else checks.schema).extend(typed)
+    return checks
+
+
+def with_value(cfg: DictConfig, key: str, value: Any) -> DictConfig:
+    """A copy of `cfg` with one field set, as the override `key=value` composes it."""
+    out = copy.deepcopy(cfg)
+    OmegaConf.update(out, key, value, merge=False)
+    return out
+
+
+def check_value(key: str, value: Any) -> None:
+    """One swept value against its schema rule (schema.FIELDS); a field without one has none."""
+    if key in FIELDS:
+        node = OmegaConf.create({})
+        OmegaConf.update(node, key, value)
+        check_fields(node, {key: FIELDS[key]})
 
 
 def check_config(cfg: DictConfig) -> None:
