@@ -40,6 +40,7 @@ OUT_OF_RANGE = {
     "data.batch_size": "0",
     "data.num_workers": "-1",
     "data.split_seed": "-1",
+    "data.channels": "0",
 }
 
 

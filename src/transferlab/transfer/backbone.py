@@ -168,6 +168,8 @@ def adapt_first_conv(model: torch.nn.Module, state: dict[str, torch.Tensor], lab
         if name not in state or name not in own or state[name].shape == own[name].shape:
             continue
         weight, want = state[name], own[name].shape
+        if weight.ndim == 4 and (weight.shape[0], *weight.shape[2:]) != (want[0], *want[2:]):
+            continue  # another architecture: apply_state says the weights do not fit
         try:
             adapted = adapt_input_conv(want[1], weight, base_chans=weight.shape[1]) if weight.ndim == 4 else None
         except (NotImplementedError, ValueError, AssertionError):
