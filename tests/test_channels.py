@@ -309,3 +309,16 @@ def test_a_four_channel_folder_trains_end_to_end(store, tmp_path, native_cpu_ker
 
     logged = mlflow.search_runs(experiment_names=[str(cfg.study)], output_format="list")[0].data.params
     assert (logged["data.channels"], logged["backbone.in_chans"]) == ("4", "4")
+
+
+def test_the_cli_refuses_an_rgb_folder_asked_for_four_channels_before_any_job(tmp_path, store, capsys):
+    from transferlab.cli import main
+
+    names = {f"{c}/{i}.png" for c in ("left", "right") for i in range(6)}
+    root = rgba_folder(tmp_path / "rgb", rgb_only=names)
+    argv = ["train", "-m", "data=imagefolder", f"data.root={root}", "data.channels=3,4", "backbone.weights=scratch"]
+    assert main([*argv, f"cache_dir={tmp_path / 'cache'}", "trainer.accelerator=cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "has no alpha channel (mode RGB) but data.channels=4" in err
+    assert not (tmp_path / "multirun").exists()  # no job started
