@@ -85,6 +85,7 @@ def main() -> None:
     window = opts.window
     assert opts.jobs >= 2 * window, f"at least {2 * window} jobs: the first and last {window} are compared"
     folder = Path(tempfile.mkdtemp())
+    began, load = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), os.getloadavg()[0]
     try:
         mlflow.MlflowClient(f"sqlite:///{folder / 'mlflow.db'}").search_experiments()  # migrate once
         wall, samples, ends = run_sweep(folder, opts.jobs, opts.launcher)
@@ -99,7 +100,9 @@ def main() -> None:
     gaps = [b - a for a, b in zip(ends, ends[1:])]
     first, last = sum(gaps[: window - 1]) / (window - 1), sum(gaps[-(window - 1) :]) / (window - 1)
     grown = rss_at(samples, ends[-1]) - rss_at(samples, ends[window - 1])
-    print(f"{os.cpu_count()} cores; load average at end {os.getloadavg()[0]:.1f}; launcher {opts.launcher}")
+    ended = time.strftime("%H:%M:%S UTC", time.gmtime())
+    print(f"{began} to {ended}; {os.cpu_count()} cores; load average {load:.1f} at start, ", end="")
+    print(f"{os.getloadavg()[0]:.1f} at end; launcher {opts.launcher}")
     print("| measure | value | target |\n|---|---|---|")
     print(f"| jobs | {opts.jobs} | |")
     print(f"| sweep wall (s) | {wall:.0f} | |")
@@ -109,9 +112,12 @@ def main() -> None:
     print(f"| RSS after job {window} (MB) | {rss_at(samples, ends[window - 1]):.0f} | |")
     print(f"| RSS growth, job {window} to the last (MB) | {grown:+.0f} | < 100 |")
     print(f"| peak RSS (MB) | {max(s[1] for s in samples):.0f} | |")
-    quarters = [ends[max(0, len(ends) * q // 4 - 1)] for q in (1, 2, 3, 4)]
-    shown = ", ".join(f"{rss_at(samples, t):.0f}" for t in quarters)
-    print(f"| RSS (MB) after each quarter of the jobs | {shown} | |")
+    tenths = [ends[max(0, len(ends) * q // 10 - 1)] for q in range(1, 11)]
+    shown = ", ".join(f"{rss_at(samples, t):.0f}" for t in tenths)
+    print(f"| RSS (MB) after each tenth of the jobs | {shown} | |")
+    chunk = max(1, len(gaps) // 10)
+    shown = ", ".join(f"{sum(gaps[i : i + chunk]) / len(gaps[i : i + chunk]):.2f}" for i in range(0, len(gaps), chunk))
+    print(f"| s per job, each tenth of the jobs | {shown} | |")
     print(f"| report on {opts.jobs} runs (s) | {report_s:.1f} | < 30 |")
 
 

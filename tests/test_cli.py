@@ -121,3 +121,26 @@ def test_plus_is_allowed_where_keys_are_forwarded() -> None:
     _check_keys(["data=digits", "+backbone.kwargs.drop_rate=0.1", "finetune=probe", "finetune.head.dropout=0.1"])
     with pytest.raises(ConfigError, match="did you mean data.fraction"):
         _check_keys(["data=digits", "data.fractoin=0.5"])
+
+
+def test_a_grid_sweep_launches_without_composing_every_job_first(store, monkeypatch) -> None:
+    """Hydra's basic sweeper composes each job's config before launching the first (the launcher
+    composes it again); after the CLI's checks the grid sweeper launches at once."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+
+    import transferlab.jobs.task
+    from transferlab.jobs.returns import JobOutcome
+
+    composed, at_start = [], []
+    load = ConfigLoaderImpl.load_sweep_config
+    monkeypatch.setattr(ConfigLoaderImpl, "load_sweep_config", lambda *a, **k: composed.append(1) or load(*a, **k))
+
+    def job(cfg) -> JobOutcome:  # no training: how many compositions came before each job
+        at_start.append(len(composed))
+        return JobOutcome("FINISHED", 0.0, "", "", "")
+
+    monkeypatch.setattr(transferlab.jobs.task, "run_job", job)
+    sweep = ["train", "-m", *FAST, "study=grid", "seed=0,1,2,3,4"]
+    assert main(sweep) == 0
+    assert main([*sweep, "hydra/sweeper=basic"]) == 0
+    assert at_start == [1, 2, 3, 4, 5, 11, 12, 13, 14, 15]  # Hydra's basic sweeper: 5 compositions first

@@ -354,3 +354,38 @@ def test_halving_sweep_through_a_launcher(store: str, tmp_path: Path, launcher: 
     assert "- 2 configurations compared: 1 trained to the full budget" in report
     assert len(load_pruned(client, "halving")) == 2
     assert list((tmp_path / "multirun").rglob("halving.db"))  # the Optuna books, for a resume
+
+
+@pytest.mark.slow
+def test_halving_on_a_local_ray_cluster_runs_each_rung_in_parallel(store: str, tmp_path: Path) -> None:
+    """hydra/sweeper=halving hydra/launcher=ray (a local Ray instance of 2 CPUs): each rung's jobs
+    are Ray tasks in worker processes, at once; pruning and promotion work as with the others."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    args = ["train", "-m", *FAST, "trainer.max_epochs=2", "study=halving_ray", "hydra/sweeper=halving"]
+    args += ["hydra.sweeper.eta=2", "finetune.freeze_depth=0,all", "seed=0,1", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    args += ["hydra/launcher=ray", "+hydra.launcher.ray.init.num_cpus=2"]
+    result = subprocess.run(
+        [sys.executable, "-m", "transferlab", *args],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if "[job " in line]
+    assert all("_run_job pid=" in line for line in lines)  # Ray prefixes its tasks' output
+    heads = sorted(line.split("[job ")[1].split("]")[0] for line in lines)
+    assert heads == [f"{k}/6 rung {1 if k <= 4 else 2}/2" for k in range(1, 7)]
+    assert len({line.split("pid=")[1].split(")")[0] for line in lines}) >= 2  # more than one worker
+    records = [json.loads(p.read_text()) for p in (tmp_path / "sweep" / "jobs").glob("[0-9]*.json")]
+    rung1 = sorted((r["ended"] - r["seconds"], r["ended"]) for r in records if r["num"] < 4)
+    assert len(rung1) == 4
+    assert any(b[0] < a[1] for a, b in zip(rung1, rung1[1:])), rung1  # a job started before another ended
+    client = mlflow.MlflowClient(store)
+    runs = client.search_runs([client.get_experiment_by_name("halving_ray").experiment_id], tags.role_query("job"))
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED", "KILLED", "KILLED"]
+    assert "halving winner for all: finetune.freeze_depth=" in result.stdout

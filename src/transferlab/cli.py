@@ -85,11 +85,12 @@ def _train(args: list[str]) -> int:
     if set(flags) - {"-m", "--multirun"}:  # help, --cfg, --config-dir ...: Hydra's own handling
         return _hydra(args)
     overrides = [a for a in args if not a.startswith("-")]
-    checks = SweepChecks([overrides])
+    checks, base = SweepChecks([overrides]), None
     if flags:
         first = sweep_checks(overrides).compose[0]
         _check_keys(first)
-        checks = sweep_checks(overrides, compose_config(first, hydra_cfg=True))
+        base = compose_config(first, hydra_cfg=True)
+        checks = sweep_checks(overrides, base)
     combos = []
     for combo in checks.compose:
         _check_keys(combo)
@@ -106,7 +107,16 @@ def _train(args: list[str]) -> int:
         _check_targets(combos)
     else:
         print(f"transferlab: {NO_DATA_CHECK}: data, weights and teachers are checked by each job, where it runs")
-    return _hydra(args)
+    return _hydra(args, _grid_sweeper(args, base))
+
+
+def _grid_sweeper(args: list[str], base) -> list[str]:
+    """Hydra's basic sweeper composes every job's config before it launches the first (1,000 seeds:
+    1,000 compositions); every swept value is checked above, so its twin that skips that runs the
+    grid (src/hydra_plugins/transferlab_grid). An experiment's or the command line's sweeper stays."""
+    target = str(base.hydra.sweeper.get("_target_", "")) if base is not None else ""
+    chosen = any(a.startswith(("hydra/sweeper=", "hydra.sweeper._target_=")) for a in args)
+    return ["hydra/sweeper=grid"] if target.endswith(".BasicSweeper") and not chosen else []
 
 
 NO_DATA_CHECK = "--no-data-check"
@@ -163,8 +173,9 @@ def _probe_services(combos: list) -> None:
         ensure_hub_or_offline()
 
 
-def _hydra(args: list[str]) -> int:
-    """Run Hydra on `args`, keeping sys.argv a valid command line for re-launched DDP ranks."""
+def _hydra(args: list[str], launch: list[str] | tuple[str, ...] = ()) -> int:
+    """Run Hydra on `args` (+ `launch`, overrides the CLI adds), keeping sys.argv a valid command
+    line for re-launched DDP ranks."""
     import hydra
 
     from transferlab.config import CONF_DIR
@@ -184,7 +195,7 @@ def _hydra(args: list[str]) -> int:
     from transferlab.jobs.ledger import print_interrupted
     from transferlab.studies.sweep import SweepCallback
 
-    sys.argv = [sys.argv[0], *args]
+    sys.argv = [sys.argv[0], *args, *launch]
     SweepCallback.ledger, SweepCallback.failed = None, 0
     try:
         task()

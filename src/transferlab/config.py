@@ -13,6 +13,7 @@ from typing import Any
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
 from omegaconf import DictConfig, OmegaConf
 
 from transferlab.errors import ConfigError
@@ -51,17 +52,26 @@ def one_line(err: BaseException) -> str:
 def parse_sweep(overrides: list[str], grid: Mapping[str, Any] | None = None) -> tuple[list[str], dict[str, list[str]]]:
     """The one reading of a multirun's grid: (fixed overrides, {swept key: its values}). `grid` is
     an experiment's `hydra.sweeper.params`; the command line overrides it key by key, as in Hydra."""
+    fixed, sweeps = _parse_grid(overrides, grid)
+    return fixed, {key: [text for text, _ in values] for key, (_, values) in sweeps.items()}
+
+
+def _parse_grid(
+    overrides: list[str], grid: Mapping[str, Any] | None
+) -> tuple[list[str], dict[str, tuple[Override, list[tuple[str, Any]]]]]:
+    """parse_sweep's reading, each swept key with its parsed override and (text, typed value) pairs."""
     parser = OverridesParser.create()
     parsed = parser.parse_overrides(list(overrides))
     fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
     on_command_line = {o.get_key_element() for o in parsed}
-    sweeps: dict[str, list[str]] = {}
-    for key, value in (grid or {}).items():
-        if key in on_command_line:
-            continue
-        override = parser.parse_override(f"{key}={value}")
-        sweeps[key] = list(override.sweep_string_iterator()) if override.is_sweep_override() else [str(value)]
-    sweeps |= {o.get_key_element(): list(o.sweep_string_iterator()) for o in parsed if o.is_sweep_override()}
+    sweeps: dict[str, tuple[Override, list[tuple[str, Any]]]] = {}
+    from_grid = [parser.parse_override(f"{k}={v}") for k, v in (grid or {}).items() if k not in on_command_line]
+    for o in [*from_grid, *(o for o in parsed if o.is_sweep_override())]:
+        if o.is_sweep_override():  # typed as Hydra composes them (Override._convert_value unquotes)
+            values = list(zip(o.sweep_string_iterator(), o.sweep_iterator(transformer=Override._convert_value)))
+        else:
+            values = [(o.get_value_element_as_str(), o.value())]
+        sweeps[o.get_key_element()] = (o, values)
     return fixed, sweeps
 
 
@@ -92,18 +102,17 @@ def sweep_checks(overrides: list[str], cfg: DictConfig | None = None) -> SweepCh
     set into the first point's composed config; any other value (1,000 seeds) is checked by its
     schema rule, with no config at all."""
     grid = OmegaConf.select(cfg, "hydra.sweeper.params") if cfg is not None else None
-    fixed, sweeps = parse_sweep(overrides, grid)
-    first = [f"{k}={v[0]}" for k, v in sweeps.items()]
+    fixed, sweeps = _parse_grid(overrides, grid)
+    first = [f"{key}={values[0][0]}" for key, (_, values) in sweeps.items()]
     checks = SweepChecks([fixed + first])
-    parser, groups = OverridesParser.create(), config_groups()
-    for key, values in sweeps.items():
-        head = parser.parse_override(f"{key}={values[0]}")
-        name = head.key_or_group
+    groups = config_groups()
+    for key, (override, values) in sweeps.items():
+        name = override.key_or_group
         if name.split("@")[0] in groups or "/" in name or name.startswith("hydra") or key[0] in "+~":
             rest = [f for f in first if not f.startswith(f"{key}=")]
-            checks.compose += [fixed + rest + [f"{key}={value}"] for value in values[1:]]
+            checks.compose += [fixed + rest + [f"{key}={text}"] for text, _ in values[1:]]
             continue
-        typed = [(name, parser.parse_override(f"{key}={value}").value()) for value in list(dict.fromkeys(values))[1:]]
+        typed = [(name, value) for value in list(dict(values).values())[1:]]
         (checks.derive if name.split(".")[0] in CHECKED_WHOLE else checks.schema).extend(typed)
     return checks
 

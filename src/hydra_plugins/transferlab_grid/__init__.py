@@ -1,0 +1,1 @@
+"""transferlab's grid sweeper (`hydra/sweeper=grid`, the default)."""
