@@ -1,17 +1,24 @@
 """The job's own tax: one real `transferlab train` job (`jobs.run.run`, MLflow into a fresh SQLite
 store) against a hand-written loop over the same data module, model, epochs, validation and test,
-and where the difference goes (cumulative seconds inside each named step of the job).
+and where the difference goes (cumulative CPU seconds inside each named step of the job). Whole
+jobs get wall and CPU seconds: on a shared machine the CPU seconds of this one-thread process are
+the steadier measure (other processes stretch wall time, not the work done).
 
-The job runs twice in one process; the second run (new seed, so not skipped; data store, imports
-and MLflow migrations already warm) is the one reported, as a sweep's later jobs see it.
+A first job warms the process (imports, data store, MLflow migration); the timed jobs come after
+it (new seeds, so none is skipped), as a sweep's later jobs see them.
 
-Run: `.venv/bin/python benchmarks/bench_job_tax.py` (about 1 min; BENCH_THREADS sets torch's
-intra-op threads, default 1); prints a markdown table.
+Each round runs the job, the same job saving its resume state after every epoch
+(`tracking.save_every_s=0`, what every job did before) and the loop, one after the other, so a
+change in the machine's load reaches all three; the table gives medians over rounds.
+
+Run: `.venv/bin/python benchmarks/bench_job_tax.py` (about 2 min; BENCH_THREADS sets torch's
+intra-op threads, default 1; BENCH_ROUNDS the rounds, default 3); prints a markdown table.
 """
 
 from __future__ import annotations
 
 import os
+import statistics
 import tempfile
 import time
 from collections import defaultdict
@@ -34,15 +41,15 @@ spent: dict[str, float] = defaultdict(float)
 
 
 def timed(owner: object, name: str, label: str) -> None:
-    """Wrap `owner.name` so that its calls add their seconds to `spent[label]`."""
+    """Wrap `owner.name` so that its calls add their CPU seconds to `spent[label]`."""
     original = getattr(owner, name)
 
     def wrapper(*args, **kwargs):
-        start = time.perf_counter()
+        start = time.process_time()
         try:
             return original(*args, **kwargs)
         finally:
-            spent[label] += time.perf_counter() - start
+            spent[label] += time.process_time() - start
 
     setattr(owner, name, wrapper)
 
@@ -72,7 +79,7 @@ def instrument() -> None:
     timed(fit, "save_weights", "model artifact (safetensors + upload)")
 
 
-def plain_job(cfg) -> float:
+def plain_job(cfg) -> None:
     """A hand-written loop over the job's own data module and a module built the same way:
     the same epochs, AdamW, validation every epoch and one test pass."""
     from transferlab.data import build_datamodule
@@ -80,7 +87,6 @@ def plain_job(cfg) -> float:
     from transferlab.transfer.module import TransferModule
     from transferlab.transfer.stages import map_stages
 
-    start = time.perf_counter()
     backbone = create_backbone(cfg.backbone)
     spec = input_spec(backbone.model, cfg.backbone)
     data = build_datamodule(cfg.data, spec, int(cfg.seed), cache_dir=cfg.cache_dir)
@@ -104,7 +110,16 @@ def plain_job(cfg) -> float:
     with torch.no_grad():
         for x, _ in data.test_dataloader():
             module(x)
-    return time.perf_counter() - start
+
+
+def clocked(fn, *args) -> tuple[float, float, object]:
+    """(wall seconds, CPU seconds of this process, result) of one call."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = fn(*args)
+    return time.perf_counter() - wall, time.process_time() - cpu, out
+
+
+EVERY_EPOCH = "job, resume state every epoch (`tracking.save_every_s=0`)"
 
 
 def main() -> None:
@@ -112,6 +127,9 @@ def main() -> None:
     # One intra-op thread by default: on a shared machine two OpenMP threads that wait for each
     # other ran the same epochs 7-14x slower (measured here, 2026-12-01, load average 5-8).
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
+    rounds = int(os.environ.get("BENCH_ROUNDS", "3"))
+    arms: dict[str, list[tuple[float, float]]] = {"job": [], EVERY_EPOCH: [], "loop": []}
+    parts: dict[str, float] = defaultdict(float)
     with tempfile.TemporaryDirectory() as tmp:
         os.chdir(tmp)
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{Path(tmp) / 'mlflow.db'}"
@@ -119,22 +137,41 @@ def main() -> None:
         from transferlab.jobs.run import run
 
         instrument()
-        run(compose_config([*OVERRIDES, "seed=0"]))  # warm: imports, store, MLflow migration
-        spent.clear()
-        cfg = compose_config([*OVERRIDES, "seed=1"])
-        start = time.perf_counter()
-        metrics = run(cfg)
-        job = time.perf_counter() - start
-        parts = dict(spent)
-        plain = plain_job(cfg)
+        warm = compose_config([*OVERRIDES, "seed=0"])
+        if "save_every_s" not in warm.tracking:  # code from before the field (a "before" run)
+            del arms[EVERY_EPOCH]
+        run(warm)  # warm: imports, store, MLflow migration
+        for r in range(rounds):  # alternating, so a change in the machine's load hits every arm
+            for arm in arms:
+                cfg = compose_config([*OVERRIDES, f"seed={r + 1}"])  # the loop runs the job's data
+                if arm == EVERY_EPOCH:  # another seed: `tracking` is not part of a job's identity
+                    cfg = compose_config([*OVERRIDES, f"seed={r + 101}", "tracking.save_every_s=0"])
+                spent.clear()
+                wall, cpu, out = clocked(plain_job if arm == "loop" else run, cfg)
+                arms[arm].append((wall, cpu))
+                if arm == "job":
+                    metrics = out
+                    for label, seconds in spent.items():
+                        parts[label] += seconds / rounds
+    med = {arm: [statistics.median(t[i] for t in times) for i in (0, 1)] for arm, times in arms.items()}
     n = int(metrics["data/train_size"])
-    print(f"test_resnet 32 px, digits {n} train images, {int(metrics['compute/epochs'])} epochs\n")
-    print("| step | seconds | share of the job |\n|---|---|---|")
-    print(f"| **whole job** (`run(cfg)`) | {job:.2f} | 100 % |")
-    print(f"| hand-written loop, same data, model, epochs, val and test | {plain:.2f} | {100 * plain / job:.0f} % |")
+    print(f"test_resnet 32 px, digits {n} train images, {int(metrics['compute/epochs'])} epochs, {rounds} ", end="")
+    print("alternating rounds; medians over rounds (each round's in brackets)\n")
+    print("| step | wall s | CPU s | CPU share of the job |\n|---|---|---|---|")
+    for arm, times in arms.items():
+        name = "hand-written loop, same data, model, epochs, val and test" if arm == "loop" else arm
+        name = "**whole job** (`run(cfg)`)" if arm == "job" else name
+        wall = " / ".join(f"{t[0]:.2f}" for t in times)
+        cpu = " / ".join(f"{t[1]:.2f}" for t in times)
+        share = 100 * med[arm][1] / med["job"][1]
+        print(f"| {name} | {med[arm][0]:.2f} ({wall}) | {med[arm][1]:.2f} ({cpu}) | {share:.0f} % |")
     for label, seconds in sorted(parts.items(), key=lambda kv: -kv[1]):
-        print(f"| {label} | {seconds:.2f} | {100 * seconds / job:.0f} % |")
-    print(f"\njob / hand-written loop: {job / plain:.2f}x")
+        print(f"| {label} (mean) | | {seconds:.2f} | {100 * seconds / med['job'][1]:.0f} % |")
+    for i, clock in enumerate(("wall", "CPU")):
+        for arm in [a for a in arms if a != "loop"]:
+            each = " / ".join(f"{j[i] / p[i]:.2f}" for j, p in zip(arms[arm], arms["loop"], strict=True))
+            print(f"\n{arm} / loop, {clock}: {med[arm][i] / med['loop'][i]:.2f}x (rounds: {each})", end="")
+    print()
 
 
 if __name__ == "__main__":

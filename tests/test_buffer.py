@@ -14,7 +14,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from mlflow.entities import Metric
+from mlflow.entities import Metric, RunTag
 from mlflow.exceptions import MlflowException
 
 from conftest import FAST
@@ -65,6 +65,38 @@ def test_writes_are_buffered_in_order_and_flushed_when_the_store_is_back(tmp_pat
     assert [c[0] for c in client.calls] == ["log_batch", "log_artifact", "log_batch", "set_terminated"]
     assert [c[2]["metrics"][0].step for c in client.calls if c[0] == "log_batch"] == [0, 1]
     assert Path(client.calls[1][1][1]).read_bytes() == b"weights"
+
+
+def test_deferred_writes_merge_into_one_and_go_with_the_next_write(tmp_path) -> None:
+    client = FlakyClient()
+    writer = BufferedClient(client, "r1", tmp_path / "spool", retry_seconds=5, pause_s=0, defer_s=3600)
+    writer.log_batch(tags=[RunTag("a", "1")], defer=True)
+    writer.log_batch(metrics=[_metric("train/loss", 0)], defer=True)
+    writer.log_batch(metrics=[_metric("train/loss", 1)], tags=[RunTag("b", "2")], defer=True)
+    writer.log_batch(tags=[RunTag("a", "3")], defer=True)  # a tag set twice: its own write, in order
+    assert client.calls == []
+    writer.log_batch(metrics=[_metric("test/acc", 1)])  # not deferred: sends what waits, then itself
+    assert [(len(c[2]["metrics"]), [t.key for t in c[2]["tags"]]) for c in client.calls] == [
+        (2, ["a", "b"]),
+        (1, ["a"]),
+    ]
+    writer.log_batch(metrics=[_metric("train/loss", 2)], defer=True)
+    writer.log_text("x", "notes.txt")  # any write sends the deferred ones first
+    assert [c[0] for c in client.calls[2:]] == ["log_batch", "log_text"]
+    writer.log_batch(params=[mlflow.entities.Param("p", "1")], defer=True)
+    writer.log_batch(params=[mlflow.entities.Param("q", "1")], defer=True)  # params never merge
+    writer.flush()
+    assert [c[2]["params"][0].key for c in client.calls[4:]] == ["p", "q"]
+
+
+def test_a_deferred_write_waits_at_most_defer_s(tmp_path) -> None:
+    client = FlakyClient()
+    writer = BufferedClient(client, "r1", tmp_path / "spool", retry_seconds=5, pause_s=0, defer_s=0.05)
+    writer.log_batch(metrics=[_metric("train/loss", 0)], defer=True)
+    assert client.calls == []
+    time.sleep(0.06)
+    writer.log_batch(metrics=[_metric("train/loss", 1)], defer=True)
+    assert [len(c[2]["metrics"]) for c in client.calls] == [2]
 
 
 def test_a_store_that_never_returns_fails_loudly_with_a_local_copy(tmp_path) -> None:

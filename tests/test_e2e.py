@@ -125,7 +125,7 @@ def test_a_killed_job_resumes_into_its_run_with_identical_metrics(store: str, tm
     """SIGKILL in the second phase, relaunch: the same MLflow run continues from the last epoch
     checkpoint and ends with exactly the metrics of an uninterrupted run."""
     job = [*FAST, "data.samples_per_class=20", "finetune=head_then_all", "finetune.head_epochs=1"]
-    job += ["trainer.max_epochs=6"]
+    job += ["trainer.max_epochs=6", "tracking.save_every_s=0"]  # a save every epoch: the kill waits for one
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "transferlab", "train", *job]
     killed = subprocess.Popen([*cmd, "study=killed"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL)

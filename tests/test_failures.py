@@ -6,8 +6,9 @@ import math
 
 import pytest
 import torch
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from transferlab.jobs.failures import FailOnNonFiniteLoss, NonFiniteLoss, failure_reason
+from transferlab.jobs.failures import FailOnNonFiniteLoss, NonFiniteLoss, failure_reason, report_failure
 from transferlab.jobs.ledger import JobRecord, SweepLedger, print_interrupted, resume_command
 from transferlab.tracking.links import ui_url
 
@@ -19,6 +20,17 @@ def test_failure_reason_is_one_line() -> None:
     )
     assert failure_reason(KeyboardInterrupt()) == "interrupted (Ctrl-C)"
     assert failure_reason(RuntimeError()) == "RuntimeError"
+
+
+def test_ctrl_c_and_sigterm_inside_a_fit_mark_the_job_killed_not_failed() -> None:
+    """Lightning turns Ctrl-C in a fit into SystemExit(1) and SIGTERM into SIGTERMException: a
+    KILLED job keeps its resume state, a FAILED one reruns from scratch."""
+    ctrl_c = SystemExit(1)
+    ctrl_c.__context__ = KeyboardInterrupt()  # raised inside `except KeyboardInterrupt` (trainer/call.py)
+    assert report_failure(ctrl_c) == ("KILLED", "interrupted (Ctrl-C)")
+    assert report_failure(SIGTERMException()) == ("KILLED", "terminated (SIGTERM)")
+    assert report_failure(SystemExit(2))[0] == "FAILED"
+    assert report_failure(ValueError("x"))[0] == "FAILED"
 
 
 class _Trainer:

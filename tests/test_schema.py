@@ -36,6 +36,7 @@ OUT_OF_RANGE = {
     "finetune.alpha": "1.5",
     "trainer.min_steps": "-5",
     "trainer.stop_after_epochs": "0",
+    "tracking.save_every_s": "-1",
     "trainer.num_nodes": "0",
     "data.batch_size": "0",
     "data.num_workers": "-1",

@@ -75,6 +75,7 @@ FIELDS: dict[str, Field] = {
     "trainer.max_epochs": _int(1, 6),
     "trainer.min_steps": _int(0, 60, nullable=True),
     "trainer.stop_after_epochs": _int(1, 2, nullable=True),
+    "tracking.save_every_s": _float("a number of seconds >= 0", lambda v: v >= 0, 30),
     "trainer.num_nodes": _int(1, 1),
     "data.batch_size": _int(1, 64),
     "data.num_workers": _int(0, 0, nullable=True),

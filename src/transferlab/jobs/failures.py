@@ -10,6 +10,7 @@ import traceback
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from transferlab import tags
 from transferlab.errors import TransferlabError
@@ -21,7 +22,9 @@ def failure_reason(err: BaseException) -> str:
     """One line naming what went wrong and, where known, what to change."""
     if isinstance(err, torch.cuda.OutOfMemoryError):
         return "CUDA out of memory: lower data.batch_size or use a smaller backbone"
-    if isinstance(err, KeyboardInterrupt):
+    if isinstance(err, SIGTERMException):
+        return "terminated (SIGTERM)"
+    if interrupted(err):
         return "interrupted (Ctrl-C)"
     first = str(err).strip().splitlines()[0] if str(err).strip() else ""
     return f"{type(err).__name__}: {first}"[:500] if first else type(err).__name__
@@ -45,8 +48,16 @@ class FailOnNonFiniteLoss(pl.Callback):
 
 def report_failure(err: BaseException) -> tuple[str, str]:
     """(status, one-line reason) for a job's MLflow run that ended with `err`."""
-    status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+    status = "KILLED" if interrupted(err) else "FAILED"
     return status, failure_reason(err)
+
+
+def interrupted(err: BaseException) -> bool:
+    """Ctrl-C or SIGTERM: the job was stopped, not broken, so it keeps its resume state. Lightning
+    turns Ctrl-C inside a fit into `SystemExit(1)` raised while handling the KeyboardInterrupt."""
+    return isinstance(err, KeyboardInterrupt | SIGTERMException) or (
+        isinstance(err, SystemExit) and isinstance(err.__context__, KeyboardInterrupt)
+    )
 
 
 def format_traceback(err: BaseException) -> str:

@@ -122,7 +122,7 @@ def fit_and_test(
     module, spec = built.module, built.spec
     costs = layer_costs(module, torch.zeros(1, spec.in_chans, spec.size, spec.size))
     features = PhaseFeatures(cfg, module, built.data, costs)
-    tracker.set_tags({tags.CACHE_FEATURES: features.mode})
+    tracker.set_tags({tags.CACHE_FEATURES: features.mode}, defer=True)
     start = wise.snapshot(module) if cfg.finetune.wise_alphas else None
     timer = FitTimer()
     progress = Progress.restore(job, module, built.phases, timer)
@@ -131,7 +131,7 @@ def fit_and_test(
     evaluated = timer.eval_samples
     tested = trainer.test(module, datamodule=fit_data, verbose=False)[0]
     progress.eval_flops += forward_flops(features.train_costs()) * (timer.eval_samples - evaluated) * trainer.world_size
-    tracker.set_tags(features.tags())
+    tracker.set_tags(features.tags(), defer=True)
     metrics = final_metrics(tested, progress, timer, trainer, module, costs, features.metrics(), counts)
     if start is not None:  # WiSE-FT: the best-val interpolation becomes the result and the model
         evaluated = int(counts["data/val_size"] + counts["data/test_size"])
@@ -139,7 +139,7 @@ def fit_and_test(
         metrics |= wise.wise_metrics(
             module, start, alphas, trainer, fit_data, tracker.log_metrics, forward_flops(costs), evaluated
         )
-    tracker.log_metrics(metrics | progress.best_epochs, step=progress.epoch)
+    tracker.log_metrics(metrics | progress.best_epochs, step=progress.epoch, defer=True)  # written by the run's end
     route_for(cfg).finalize(module)
     save_weights(module, tracker, cfg.tracking.log_model, backbone_out)
     return metrics
@@ -161,18 +161,20 @@ def build(cfg: DictConfig, checkpoint: Path | None, teacher: TeacherWeights | No
 
 
 def log_job(cfg: DictConfig, tracker: RunTracker, job: Job) -> dict[str, float]:
-    """What the job is: backbone and route tags, its stage table, data sizes and subset; -> the counts."""
-    tracker.set_tags({f"{tags.BACKBONE}{k}": v for k, v in job.backbone_tags.items()} | job.route_tags)
+    """What the job is: backbone and route tags, its stage table, data sizes and subset; -> the counts.
+    Files first, then the tags and counts deferred: they go in one write with the first epochs'."""
     table = stage_table(job.module.backbone, job.module.stages, job.spec.size, set(job.target))
     tracker.log_text(format_table(table), "stages.md")
     if (hc := hydra_run()) is not None and hc.output_subdir is not None:
         tracker.log_artifact(Path(hc.runtime.output_dir) / hc.output_subdir, "hydra")
-    counts = {k: v for k, v in job.data.count_metrics().items() if k.endswith("_size")}
-    tracker.log_metrics(counts)  # per-class counts go in classes.json: as metrics they bury test/acc
     tracker.log_text(job.data.class_table(), "classes.json")
-    tracker.set_tags({tags.SUBSET_HASH: job.data.subset_hash, tags.SKIPPED_FILES: str(job.data.skipped)})
+    described = {f"{tags.BACKBONE}{k}": v for k, v in job.backbone_tags.items()} | job.route_tags
+    described |= {tags.SUBSET_HASH: job.data.subset_hash, tags.SKIPPED_FILES: str(job.data.skipped)}
     if job.module.feature_index is not None:
-        tracker.set_tags({tags.TRUNCATED_AT: job.module.stages.names[job.module.kept - 1]})
+        described[tags.TRUNCATED_AT] = job.module.stages.names[job.module.kept - 1]
+    tracker.set_tags(described, defer=True)
+    counts = {k: v for k, v in job.data.count_metrics().items() if k.endswith("_size")}
+    tracker.log_metrics(counts, defer=True)  # per-class counts go in classes.json: as metrics they bury test/acc
     return counts
 
 
@@ -196,16 +198,17 @@ def fit_phases(
             raise BudgetReached(progress.epoch, _partial_compute(progress, timer))
         module.set_trainable(phase.trainable)
         module.epoch_offset = data.epoch_offset = progress.epoch
-        newly = phase.trainable - set(progress.unfrozen)
-        tracker.log_metrics({f"unfrozen_at/{stages.names[s]}": progress.epoch for s in newly}, step=progress.epoch)
+        unfrozen = {f"unfrozen_at/{stages.names[s]}": progress.epoch for s in phase.trainable - set(progress.unfrozen)}
+        tracker.log_metrics(unfrozen, step=progress.epoch, defer=True)
         progress.unfrozen = sorted(set(progress.unfrozen) | phase.trainable)
         best = BestWeights(str(cfg.finetune.select))
         callbacks = [EpochLogger(tracker), timer, best]
-        if checkpoints.enabled:
-            callbacks.append(EpochCheckpoint(checkpoints.epoch_checkpoint(k), timer))
         epochs = phase.epochs + progress.carried
         # A rung's budget inside this phase: the same plan (LR schedule, phase lengths), cut short.
         capped = epochs if stop is None else min(epochs, stop - progress.epoch)
+        if checkpoints.enabled:  # a rung's stop is always saved: the next rung continues from it
+            path, every = checkpoints.epoch_checkpoint(k), tracker.save_every_s
+            callbacks.append(EpochCheckpoint(path, timer, every, final=capped < epochs, before_save=tracker.flush))
         trainer = _trainer(cfg.trainer, phase, capped, job.val_every, callbacks, checkpoints.dir)
         seen, evaluated = timer.samples, timer.eval_samples  # at the phase's start (restored on a resume)
         fit_data = features.datamodule(phase.name, phase.trainable, trainer)
@@ -227,17 +230,12 @@ def fit_phases(
         # validation forward passes, on cached features where this phase used them
         evals = (timer.eval_samples - evaluated) * trainer.world_size
         progress.eval_flops += forward_flops(features.train_costs()) * evals
-        tracker.log_metrics(
-            {
-                f"compute/{phase.name}_flops_per_sample": per_sample,
-                f"compute/{phase.name}_flops": per_sample * phase_samples,
-                f"compute/{phase.name}_samples": phase_samples,
-            },
-            step=progress.epoch,
-        )
+        cost = {"_flops_per_sample": per_sample, "_flops": per_sample * phase_samples, "_samples": phase_samples}
+        tracker.log_metrics({f"compute/{phase.name}{k}": v for k, v in cost.items()}, step=progress.epoch, defer=True)
         if trainer.world_size > 1:
-            tracker.log_metrics({"ddp/param_divergence": _rank_divergence(module)}, step=progress.epoch)
+            tracker.log_metrics({"ddp/param_divergence": _rank_divergence(module)}, step=progress.epoch, defer=True)
         progress.phases = k + 1
+        tracker.flush()  # this phase's metrics land before its end is saved: a resume skips the phase
         progress.save(checkpoints, module, timer)
     if trainer is None:  # killed after the last phase, before the test
         trainer = _trainer(cfg.trainer, job.phases[-1], 1, job.val_every, [], checkpoints.dir)

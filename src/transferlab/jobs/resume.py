@@ -15,6 +15,7 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -88,28 +89,53 @@ class JobCheckpoint:
 
 
 class EpochCheckpoint(pl.Callback):
-    """Saves the trainer's state at every epoch end (atomically) with the RNG and data-order
-    state and the fit timer, and restores them when a fit resumes from it. Place it last, so
-    the epoch's metrics are logged and early stopping has counted before the save."""
+    """Saves the trainer's state at an epoch end (atomically) with the RNG and data-order state and
+    the fit timer, and restores them when a fit resumes from it. Place it last, so the epoch's
+    metrics are logged and early stopping has counted before the save.
 
-    def __init__(self, path: Path, timer: FitTimer) -> None:
+    It saves at most every `every_s` seconds (0: every epoch), and always at the epoch where a
+    SIGTERM arrived and, with `final`, at the fit's last epoch (a halving rung's stop). Any epoch
+    end resumes exactly, so a rarer save loses at most `every_s` seconds of a killed job's work,
+    never its metrics. `before_save` runs first (the tracker's flush: no epoch before the saved
+    one waits in a buffer that a kill would lose)."""
+
+    def __init__(
+        self,
+        path: Path,
+        timer: FitTimer,
+        every_s: float = 0.0,
+        final: bool = False,
+        before_save: Callable[[], object] | None = None,
+    ) -> None:
         self.path = path
         self.timer = timer
+        self.every_s, self.final, self.before_save = every_s, final, before_save
+        self.saves = 0
         self._restored: dict[str, Any] | None = None
         self._trainer: pl.Trainer | None = None
-        self._fit_started = time.perf_counter()
+        self._fit_started = self._saved_at = time.perf_counter()
 
     def setup(self, trainer: pl.Trainer, module: pl.LightningModule, stage: str) -> None:
         self._trainer = trainer
 
     def on_fit_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        self._fit_started = time.perf_counter()
+        self._fit_started = self._saved_at = time.perf_counter()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if not trainer.strategy.broadcast(self._due(trainer), src=0):  # every rank saves, or none
+            return
+        if self.before_save is not None:
+            self.before_save()
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         trainer.save_checkpoint(tmp, weights_only=False)  # every rank calls it; rank 0 writes
         if trainer.is_global_zero:
             tmp.replace(self.path)
+        self.saves += 1
+        self._saved_at = time.perf_counter()
+
+    def _due(self, trainer: pl.Trainer) -> bool:
+        last = self.final and trainer.current_epoch + 1 >= (trainer.max_epochs or 0)
+        return last or trainer.received_sigterm or time.perf_counter() - self._saved_at >= self.every_s
 
     def state_dict(self) -> dict[str, Any]:
         name, keys, pos, has_gauss, cached = np.random.get_state()

@@ -9,6 +9,7 @@ the path printed, and the job fails: a run is never marked FINISHED with metrics
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sys
 import time
@@ -20,6 +21,8 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
 from transferlab.errors import TransferlabError
+
+MAX_ENTITIES, MAX_TAGS = 1000, 100  # per log_batch call (MLflow's limits)
 
 # Errors that retrying cannot fix: raise them at once instead of buffering.
 PERMANENT = ("INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST", "BAD_REQUEST")
@@ -40,7 +43,13 @@ class BufferedClient:
     """The writes of one run through `MlflowClient`, buffered while the store is unreachable."""
 
     def __init__(
-        self, client: mlflow.MlflowClient, run_id: str, spool: Path, retry_seconds: float, pause_s: float = 5.0
+        self,
+        client: mlflow.MlflowClient,
+        run_id: str,
+        spool: Path,
+        retry_seconds: float,
+        pause_s: float = 5.0,
+        defer_s: float = 0.0,
     ) -> None:
         self.client, self.run_id, self.spool = client, run_id, spool
         self.retry_seconds, self.pause_s = retry_seconds, pause_s
@@ -49,13 +58,30 @@ class BufferedClient:
         self.texts: dict[str, str] = {}
         self.next_try = 0.0
         self.lost_since: float | None = None
+        self.defer_s = defer_s
+        self.deferred_since = math.inf  # when the oldest deferred write was queued
 
-    def log_batch(self, metrics: list[Metric] = (), params: list[Param] = (), tags: list[RunTag] = ()) -> None:
+    def log_batch(
+        self, metrics: list[Metric] = (), params: list[Param] = (), tags: list[RunTag] = (), defer: bool = False
+    ) -> None:
+        """`defer`: queue the write; it goes with the next one that is not deferred, with `flush()`,
+        or once the oldest queued write has waited `defer_s`. Batches without params queued one
+        after another merge into one write (a write to a SQLite store costs ~20 ms, whatever its size)."""
         self.record["params"] |= {p.key: p.value for p in params}
         self.record["tags"] |= {t.key: t.value for t in tags}
         for m in metrics:
             self.record["metrics"].setdefault(m.key, []).append({"step": m.step, "value": m.value})
-        self._write("log_batch", self.run_id, metrics=list(metrics), params=list(params), tags=list(tags))
+        batch = {"metrics": list(metrics), "params": list(params), "tags": list(tags)}
+        last = self.pending[-1][2] if self.pending and self.pending[-1][0] == "log_batch" else None
+        if last is not None and _mergeable(last, batch):
+            last["metrics"] += batch["metrics"]
+            last["tags"] += batch["tags"]
+        else:
+            self.pending.append(("log_batch", (self.run_id,), batch))
+        now = time.monotonic()
+        self.deferred_since = min(self.deferred_since, now)
+        if not defer or now - self.deferred_since >= self.defer_s:
+            self.flush()
 
     def log_text(self, text: str, path: str) -> None:
         self.texts[path] = text
@@ -63,7 +89,7 @@ class BufferedClient:
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         method = "log_artifacts" if path.is_dir() else "log_artifact"
-        if not self.pending and self._try(method, (self.run_id, str(path), artifact_path), {}):
+        if self.flush() and self._try(method, (self.run_id, str(path), artifact_path), {}):  # deferred first
             return
         copy = self.spool / "artifacts" / (artifact_path or "") / path.name  # the original may be temporary
         copy.parent.mkdir(parents=True, exist_ok=True)
@@ -106,6 +132,7 @@ class BufferedClient:
                 self.pending.pop(0)
                 raise
             self.pending.pop(0)
+        self.deferred_since = math.inf
         if self.lost_since is not None:
             print("tracking store is back: buffered logs written", file=sys.stderr)
             self.lost_since = None
@@ -131,3 +158,12 @@ class BufferedClient:
             (self.spool / path).parent.mkdir(parents=True, exist_ok=True)
             (self.spool / path).write_text(text)
         return self.spool
+
+
+def _mergeable(into: dict[str, list], batch: dict[str, list]) -> bool:
+    """Within MLflow's limits per call, no params (they must be unique) and no tag set twice."""
+    if into["params"] or batch["params"] or len(into["tags"]) + len(batch["tags"]) > MAX_TAGS:
+        return False
+    if sum(len(into[k]) + len(batch[k]) for k in ("metrics", "tags")) > MAX_ENTITIES:
+        return False
+    return not {t.key for t in into["tags"]} & {t.key for t in batch["tags"]}

@@ -91,6 +91,9 @@ class RunTracker:
         self.run_id: str | None = None
         self.client: mlflow.MlflowClient | None = None
         self.writer: BufferedClient | None = None
+        # How long epoch metrics may wait to be written together; also how often a job saves its
+        # resume state within a phase (jobs.resume.EpochCheckpoint): it flushes them first.
+        self.save_every_s = float(cfg.get("save_every_s", 0))
 
     def start(self, run_name: str, tags: dict[str, str], parent_run_id: str | None = None) -> None:
         if not self.enabled:
@@ -108,7 +111,8 @@ class RunTracker:
     def _open(self, run_id: str) -> None:
         self.run_id = run_id
         spool = Path(self.cfg.get("fallback_dir") or "outputs/unsaved_runs") / run_id
-        self.writer = BufferedClient(self.client, run_id, spool, float(self.cfg.get("retry_seconds", 120)))
+        retry = float(self.cfg.get("retry_seconds", 120))
+        self.writer = BufferedClient(self.client, run_id, spool, retry, defer_s=self.save_every_s)
 
     def attach(self, run_id: str) -> None:
         """Continue an existing run (a resumed job, a sweep's parent): it reads RUNNING again."""
@@ -122,14 +126,21 @@ class RunTracker:
         if self.run_id:
             self.writer.log_batch(params=[Param(k, v[:6000]) for k, v in params.items()])
 
-    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+    def log_metrics(self, metrics: dict[str, float], step: int = 0, defer: bool = False) -> None:
+        """`defer`: written with the next write that is not, at `flush()`, or within `save_every_s`;
+        a job defers what it logs while it trains, and a resumed job logs it again."""
         if self.run_id and metrics:
             now = int(1000 * time.time())
-            self.writer.log_batch(metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+            self.writer.log_batch(metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()], defer=defer)
 
-    def set_tags(self, tags: dict[str, str]) -> None:
+    def flush(self) -> None:
+        """Write what is deferred now (before a resume state is saved, so a kill cannot lose it)."""
         if self.run_id:
-            self.writer.log_batch(tags=[RunTag(k, str(v)) for k, v in tags.items()])
+            self.writer.flush()
+
+    def set_tags(self, tags: dict[str, str], defer: bool = False) -> None:
+        if self.run_id and tags:
+            self.writer.log_batch(tags=[RunTag(k, str(v)) for k, v in tags.items()], defer=defer)
 
     def log_text(self, text: str, path: str) -> None:
         if self.run_id:
@@ -182,7 +193,7 @@ class EpochLogger(pl.Callback):
         for group in trainer.optimizers[0].param_groups:
             metrics[f"lr/{group['name']}"] = float(group["lr"])
         metrics["trainable_params"] = float(trainable_params(module))
-        self.tracker.log_metrics(metrics, step=epoch)
+        self.tracker.log_metrics(metrics, step=epoch, defer=True)
         shown = " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()) if k.endswith(("acc", "loss")))
         if validated:
             print(f"epoch {epoch}: {shown}", flush=True)
