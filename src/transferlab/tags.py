@@ -41,6 +41,10 @@ FEATURE_CACHE = tag("feature_cache")
 FAILURE = tag("failure")  # one-line reason of a FAILED or KILLED run
 PRUNED = tag("pruned")  # rung and reason of a run a halving sweep stopped early
 SWEEP_SUMMARY = tag("sweep_summary")
+# Metrics of a sweep's parent run, so its row and page show results: job counts (`sweep/finished`,
+# `failed`, `skipped`, `paused`, `pruned`) and the best mean accuracy per target (summary_metric).
+SWEEP_COUNT = "sweep/"
+BEST = "best/"
 ADVISE = tag("advise.")  # + target, size, domain, strategies, stages, ...
 # Environment (identity.environment_tags): which software produced the numbers.
 VERSION_NAMES = ("python", "torch", "lightning", "timm", "mlflow", "device")
@@ -71,3 +75,11 @@ def candidate_label(name: str, weights: str) -> str:
     """How a backbone is named in advise metrics and matched to sweep runs (params backbone.*);
     characters MLflow refuses in metric names (a weights path may hold any) become `_`."""
     return re.sub(r"[^\w\-. :/]", "_", f"{name}:{weights}")
+
+
+def summary_metric(name: str, train_size: float | None, what: str) -> str:
+    """A parent-run metric for one target, `best/digits-50/test_acc_pct`: the data set's name
+    keeps only characters MLflow allows in a metric name and that cannot form a path step."""
+    known = train_size is not None and train_size == train_size
+    safe = re.sub(r"[^A-Za-z0-9_\-. ]", "_", name).strip(". ") or "_"
+    return f"{BEST}{safe}-{int(train_size) if known else 'unknown'}/{what}"

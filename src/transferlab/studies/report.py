@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -34,6 +35,7 @@ from transferlab.tags import target_name
 
 METRICS = {
     "test/acc": "test_acc",
+    "val/acc": "val_acc",  # the last validation
     "data/train_size": "train_size",
     "compute/train_flops": "train_flops",
     "compute/train_flops_per_sample": "train_flops_per_sample",
@@ -156,6 +158,7 @@ def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
                 "acc_ci95_pct": ci_halfwidth(acc),
                 "acc_ci_low_pct": clipped_interval(acc.mean(), ci_halfwidth(acc))[0],
                 "acc_ci_high_pct": clipped_interval(acc.mean(), ci_halfwidth(acc))[1],
+                "val_acc_mean_pct": g["val_acc"].mean() * 100 if "val_acc" in g else math.nan,
                 "test_size": g["test_size"].min() if "test_size" in g else math.nan,
                 "train_flops": g["train_flops"].mean(),
                 "train_flops_per_sample": g["train_flops_per_sample"].mean(),
@@ -399,6 +402,18 @@ def run_description(experiment: str, tables: Tables) -> str:
     return "\n".join(lines)[:MAX_NOTE]
 
 
+def summary_metrics(summary: pd.DataFrame) -> dict[str, float]:
+    """The sweep's parent-run metrics per target: the best mean over seeds of any strategy, for
+    test and for validation accuracy (%), so the parent's row and page show results."""
+    metrics = {}
+    for _, s in summary.groupby("target", sort=False):
+        first = s.iloc[0]
+        for column, what in (("acc_mean_pct", "test_acc_pct"), ("val_acc_mean_pct", "val_acc_pct")):
+            if s[column].notna().any():
+                metrics[tag_names.summary_metric(first["data"], first["train_size"], what)] = s[column].max()
+    return metrics
+
+
 def write_report(
     experiment: str,
     out_dir: Path,
@@ -407,6 +422,7 @@ def write_report(
 ) -> Path:
     """Write report.md, summary.csv, pairs.csv and the plot; log them under report/ on the sweep."""
     import mlflow
+    from mlflow.entities import Metric
 
     client = mlflow.MlflowClient(tracking_uri)
     runs = load_runs(client, experiment)
@@ -433,4 +449,7 @@ def write_report(
         for p in paths:
             client.log_artifact(parent_run_id, str(p), "report")
         client.set_tag(parent_run_id, "mlflow.note.content", run_description(experiment, tables))
+        now = int(time.time() * 1000)
+        best = [Metric(k, float(v), now, 0) for k, v in summary_metrics(tables.summary).items()]
+        client.log_batch(parent_run_id, metrics=best)
     return paths[0]

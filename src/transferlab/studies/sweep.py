@@ -80,9 +80,18 @@ class SweepCallback(Callback):
         tracker = RunTracker(config.tracking)
         tracker.attach(run_id)
         _, exp_id = experiment_id(config.tracking)
-        tracker.log_metrics({f"sweep/{k}": v for k, v in counts.items()})
+        counts["pruned"] = _pruned(tracker.client, exp_id, run_id)  # halving: stopped at a rung
+        tracker.log_metrics({f"{tags.SWEEP_COUNT}{k}": v for k, v in counts.items()})
         summary = ledger.summary_line(str(config.study))
         tracker.set_tags({tags.SWEEP_SUMMARY: summary[:5000]})
         tracker.end("FAILED" if counts["failed"] else "FINISHED")
         print(summary, flush=True)
-        print(f"runs: {ui_url(exp_id, uri=tracking_uri(config.tracking))}  (serve a local store: transferlab ui)")
+        uri = tracking_uri(config.tracking)
+        print(f"runs: {ui_url(exp_id, uri=uri)}  (serve a local store: transferlab ui)")
+        print(f"sweep run (best per target, report): {ui_url(exp_id, run_id, uri=uri)}", flush=True)
+
+
+def _pruned(client: mlflow.MlflowClient, exp_id: str, run_id: str) -> int:
+    """Job runs of this sweep that a halving sweeper stopped early (tagged, ended KILLED)."""
+    query = f"tags.`mlflow.parentRunId` = '{run_id}' and tags.`{tags.PRUNED}` != ''"
+    return len(client.search_runs([exp_id], query, max_results=50000))

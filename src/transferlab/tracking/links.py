@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from transferlab import tags
+
 UI_BASE = "http://127.0.0.1:5000"  # `transferlab ui` serves a local store here
 # The runs table a study opens on (MLflow's shared-view experiment tag, read by its 3.x frontend):
 # the columns that answer "which strategy, how accurate, at what cost" instead of Source/Models/Dataset.
@@ -19,6 +21,18 @@ KEY_COLUMNS = (
     "metrics.`compute/fit_seconds`",
 )
 
+
+# The job runs only, best first: a search filter or a sort other than by date makes MLflow list
+# runs flat (its runs table nests children only then), so the first view shows results instead
+# of one collapsed parent row with empty cells. The parent's results are on its own page.
+JOB_RUNS = {
+    "searchFilter": tags.role_query(tags.ROLE_JOB),
+    "orderByKey": "metrics.`test/acc_pct`",
+    "orderByAsc": False,
+}
+# Wide enough to read the run names and the headers (MLflow applies widths to the columns it orders).
+RUN_NAME_COLUMN = "attributes.`Run Name`"
+COLUMN_WIDTHS = {RUN_NAME_COLUMN: 280} | dict(zip(KEY_COLUMNS, (130, 150, 120, 120, 170, 160)))
 
 CHART_KEY = "transferlab-chart"
 # Accuracy against training compute as a scatter, one point per target x strategy (mean over seeds),
@@ -36,14 +50,23 @@ SCATTER = {
     "yaxis": {"key": "test/acc_pct", "type": "METRIC"},
 }
 CHART_VIEW = {
+    **JOB_RUNS,  # no parent run among the groups: it has no condition params ("Unassigned")
     "selectedColumns": list(KEY_COLUMNS),
+    "runsHiddenMode": "SHOW_ALL",  # MLflow's default charts only the first 10 runs (or groups)
     "groupBy": {
         "aggregateFunction": "average",
         "groupByKeys": [{"mode": "param", "groupByData": key} for key in CONDITION],
     },
     "useGroupedValuesInCharts": True,
     "compareRunSections": [
-        {"uuid": "transferlab-section", "name": "Accuracy vs compute", "display": True, "isReordered": False}
+        {
+            "uuid": "transferlab-section",
+            "name": "Accuracy vs compute",
+            "display": True,
+            "isReordered": False,
+            "columns": 1,  # one chart across the section (MLflow's 3 per row left it ~170 px wide)
+            "cardHeight": 520,
+        }
     ],
     "compareRunCharts": [SCATTER],
 }
@@ -52,7 +75,10 @@ CHART_VIEW = {
 def set_default_view(client: Any, exp_id: str) -> None:
     """Make the experiment open on its runs table (not GenAI) with the key columns, via `ui_url`."""
     view = {
+        **JOB_RUNS,
         "selectedColumns": list(KEY_COLUMNS),
+        "columnOrder": list(COLUMN_WIDTHS),
+        "columnWidths": COLUMN_WIDTHS,
         "runsHiddenMode": "SHOW_ALL",
     }
     client.set_experiment_tag(exp_id, f"mlflow.sharedViewState.{VIEW_KEY}", json.dumps(view))
