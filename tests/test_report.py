@@ -11,7 +11,7 @@ from scipy import stats
 
 from transferlab.errors import ConfigError
 from transferlab.studies.plot import accuracy_figure, pareto_front, spread_equal_x
-from transferlab.studies.report import render_markdown, summarize, write_report
+from transferlab.studies.report import render_markdown, summarize, summary_metrics, write_report
 from transferlab.studies.stats import ci_halfwidth, holm, verdict
 
 
@@ -213,6 +213,28 @@ def test_varying_params_are_never_merged():
     assert summary["n"].tolist() == [2, 2, 2]
 
 
+def test_several_imagenet_backbones_are_never_merged_into_one_source():
+    """Lite0/1/2 all have weights=pretrained: the source label alone would average them together
+    (and count two of them as reruns); the backbone name must stay in their labels."""
+
+    def probe(name, weights, source, seed, acc):
+        extra = {"backbone.name": name, "backbone.weights": weights, "backbone.source": source}
+        return _run("probe", seed, acc, **extra)
+
+    runs = pd.DataFrame(
+        [probe("lite0", "pretrained", "None", s, 0.6) for s in range(2)]
+        + [probe("lite1", "pretrained", "None", s, 0.7) for s in range(2)]
+        + [probe("lite0", "source", "animals", s, 0.5) for s in range(2)]
+    )
+    summary = summarize(runs).summary
+    assert sorted(summary["strategy"]) == [
+        "probe (from ImageNet, backbone.name=lite0)",
+        "probe (from ImageNet, backbone.name=lite1)",
+        "probe (from animals, backbone.name=lite0)",
+    ]
+    assert summary["n"].tolist() == [2, 2, 2]
+
+
 def test_rerun_of_same_seed_counts_once():
     runs = pd.DataFrame([_run("probe", 0, 0.1), _run("probe", 0, 0.9), _run("probe", 1, 0.8)])
     runs["start_time"] = [1, 2, 3]
@@ -295,7 +317,25 @@ def test_write_report_end_to_end(store, tmp_path):
     assert f"sweep run: {parent}" in text
     logged = {f.path for f in client.list_artifacts(parent, "report")}
     assert logged == {f"report/{n}" for n in names}
+    best = {k: v for k, v in client.get_run(parent).data.metrics.items() if k.startswith("best/")}
+    assert best == {"best/similar-30/test_acc_pct": pytest.approx(78.333, abs=1e-3)}  # fine_tune lr 0.01
     print(text)
+
+
+def test_parent_metrics_name_every_target_as_mlflow_allows():
+    """The best mean per target, under a name MLflow accepts whatever the data set is called."""
+    from mlflow.utils.validation import _validate_metric_name
+
+    runs = [_run("probe", s, 0.5 + s / 10, data="colt's foot/..", size=10) for s in range(3)]
+    runs += [_run("fine_tune", s, 0.9, data="digits", size=50) | {"val_acc": 0.8 + s / 100} for s in range(2)]
+    metrics = summary_metrics(summarize(pd.DataFrame(runs)).summary)
+    assert metrics == {
+        "best/colt_s foot_-10/test_acc_pct": pytest.approx(60.0),
+        "best/digits-50/test_acc_pct": pytest.approx(90.0),
+        "best/digits-50/val_acc_pct": pytest.approx(80.5),
+    }
+    for name in metrics:
+        _validate_metric_name(name)
 
 
 def test_missing_experiment_is_a_config_error(store, tmp_path):

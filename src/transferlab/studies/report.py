@@ -115,8 +115,11 @@ def label_runs(runs: pd.DataFrame) -> pd.DataFrame:
         if len(conds) < 2:
             continue
         varying = [c for c in pcols if conds[c].nunique() > 1]
-        if WEIGHTS in varying:  # the source says it all: "probe (from ImageNet)", not three params
-            varying = [WEIGHTS] + [c for c in varying if not c.startswith("params.backbone.")]
+        if WEIGHTS in varying:  # the source says it all: "probe (from ImageNet)", not three params,
+            # unless backbones differ under one source too: "from ImageNet, backbone.name=..."
+            same_source = [c for c in varying if c.startswith("params.backbone.") and c != WEIGHTS]
+            within = [c for c in same_source if (conds.groupby(WEIGHTS)[c].nunique() > 1).any()]
+            varying = [WEIGHTS] + [c for c in varying if c in within or not c.startswith("params.backbone.")]
         for cond, values in conds.iterrows():
             extra = ", ".join(_varied(c, values) for c in varying) or f"cond {cond[:8]}"
             df.loc[group.index[group["condition_hash"] == cond], "strategy"] = f"{base} ({extra})"
