@@ -228,9 +228,9 @@ def test_several_imagenet_backbones_are_never_merged_into_one_source():
     )
     summary = summarize(runs).summary
     assert sorted(summary["strategy"]) == [
-        "probe (from ImageNet, backbone.name=lite0)",
-        "probe (from ImageNet, backbone.name=lite1)",
-        "probe (from animals, backbone.name=lite0)",
+        "probe (from ImageNet, lite0)",
+        "probe (from ImageNet, lite1)",
+        "probe (from animals, lite0)",
     ]
     assert summary["n"].tolist() == [2, 2, 2]
 

@@ -116,7 +116,7 @@ def label_runs(runs: pd.DataFrame) -> pd.DataFrame:
             continue
         varying = [c for c in pcols if conds[c].nunique() > 1]
         if WEIGHTS in varying:  # the source says it all: "probe (from ImageNet)", not three params,
-            # unless backbones differ under one source too: "from ImageNet, backbone.name=..."
+            # unless backbones differ under one source too: "from ImageNet, tf_efficientnet_lite1"
             same_source = [c for c in varying if c.startswith("params.backbone.") and c != WEIGHTS]
             within = [c for c in same_source if (conds.groupby(WEIGHTS)[c].nunique() > 1).any()]
             varying = [WEIGHTS] + [c for c in varying if c in within or not c.startswith("params.backbone.")]
@@ -136,6 +136,8 @@ SOURCE_NAMES = {"pretrained": "ImageNet", "scratch": "scratch"}
 
 def _varied(column: str, values: pd.Series) -> str:
     """One varying param in a strategy label; a backbone's weights as the source they came from."""
+    if column == "params.backbone.name":  # beside its source: "from ImageNet, tf_efficientnet_lite2"
+        return str(values[column])
     if column != WEIGHTS:
         return f"{column[7:]}={values[column]}"
     weights = str(values[column])
