@@ -1,5 +1,6 @@
 """The MLflow UI as a person sees it: a finished sweep, served by `transferlab ui`, rendered by
-headless Chromium. Screenshots land in test-artifacts/browser/ (or $TRANSFERLAB_TEST_ARTIFACTS)."""
+headless Chromium, each link in a fresh browser (as a first visit). Screenshots are taken under
+tmp_path and copied to test-artifacts/browser/ (or $TRANSFERLAB_TEST_ARTIFACTS)."""
 
 from __future__ import annotations
 
@@ -106,57 +107,81 @@ def served_sweep(store: str, tmp_path: Path):
     assert "POST /ajax-api" not in terminal  # no per-request access log
 
 
-def test_runs_view_shows_the_sweep_its_runs_and_key_columns(served_sweep) -> None:
+def _assistant_closed(page) -> bool:
+    """MLflow 3.17 opens its assistant panel on a browser's first visit to a localhost UI; closed,
+    the panel leaves its round button (bottom right) instead of the panel's close button."""
+    page.locator('button[data-assistant-ui="true"]').first.wait_for(timeout=30_000)
+    return page.locator('[data-component-id="mlflow.assistant.chat_panel.close"]').count() == 0
+
+
+def _cells(page, column: str) -> list[str]:
+    """One column's cell texts, top row first (ag-grid positions rows; DOM order may differ)."""
+    cells = page.eval_on_selector_all(
+        f'[role="gridcell"][col-id="{column}"]',
+        "cells => cells.map(c => [Number(c.closest('[row-index]').getAttribute('row-index')), c.innerText.trim()])",
+    )
+    return [text for _, text in sorted(cells)]
+
+
+def test_first_view_shows_results_and_a_readable_chart(served_sweep, tmp_path: Path) -> None:
+    """The printed links, each in a browser that never saw MLflow: the job runs, flat and best
+    first, with their metrics; the assistant panel closed; the sweep run's best per target;
+    the accuracy-vs-GFLOPs chart across the section, without an "Unassigned" group."""
     from playwright.sync_api import sync_playwright
 
-    from transferlab.tracking.links import ui_url
-
-    links, log = served_sweep
-    runs_link = next(link for link in links if "workflowType=machine_learning" in link)
-    folder = SHOTS / "browser"
-    folder.mkdir(parents=True, exist_ok=True)
-    print(f"screenshots: {folder}")
+    links, _ = served_sweep
+    runs_link = next(link for link in links if link.endswith("viewStateShareKey=transferlab"))
+    chart_link = next(link for link in links if "compareRunsMode=CHART" in link)
+    sweep_link = next(link for link in links if "/runs/" in link)
+    shots = tmp_path / "browser"
+    shots.mkdir()
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=_browser(), args=["--no-sandbox", "--disable-gpu"])
         page = browser.new_page(viewport={"width": 1600, "height": 900})
         page.goto(runs_link)
-        page.get_by_text("sweep-browse").first.wait_for(timeout=60_000)
-        close = page.get_by_role("button", name=re.compile("close", re.I))
-        if close.count():  # MLflow 3's assistant panel takes a third of the page
-            close.first.click()
-        page.get_by_text("sweep-browse").first.wait_for()
-        page.screenshot(path=folder / "1-runs-collapsed.png")
+        page.get_by_text("digits-5/class-fine_tune-s2").first.wait_for(timeout=60_000)
+        page.wait_for_timeout(1000)  # column widths settle
+        page.screenshot(path=shots / "1-first-view.png")
+        assert _assistant_closed(page), "the MLflow assistant panel is open on the first view"
         body = page.inner_text("body")
-        assert "browse" in body  # the study (MLflow experiment)
         assert "matching runs" in body  # the runs view, not the GenAI overview
-        for column in ("finetune.strategy", "finetune.freeze_depth", "test/acc_pct", "compute/train_gflops"):
+        names = _cells(page, "attributes.`Run Name`")
+        assert len(names) == 6, names  # every job run, none hidden under a collapsed parent
+        assert "sweep-browse" not in names
+        acc = [float(v) for v in _cells(page, "metrics.`test/acc_pct`")]  # a cell per run, none empty
+        assert acc == sorted(acc, reverse=True) == [92, 91, 90, 72, 71, 70]  # best first
+        assert _cells(page, "params.`finetune.strategy`")[:3] == ["fine_tune"] * 3
+        assert set(_cells(page, "metrics.`compute/train_gflops`")) == {"3", "1"}
+        for column in ("finetune.strategy", "finetune.freeze_depth", "data/train_size", "test/acc_pct"):
             assert column in body, f"column {column} is not shown by default"
-        page.locator('button[data-component-id*="runnamecellrenderer"]').first.click()  # expand the parent
-        child = "digits-5/class-fine_tune-s0"
-        page.get_by_text(child).first.wait_for(timeout=30_000)
-        page.screenshot(path=folder / "2-runs-expanded.png")
-        body = page.inner_text("body")
-        assert "digits-5/class-probe-s2" in body
-        assert "probe" in body  # strategy
-        assert "all" in body  # freeze depth of a probe
-        assert re.search(r"\b\d{1,3}\.\d+\b", body)  # accuracy in % and FLOPs as numbers
-        exp_id, parent_id = _parent(log.parent)
-        page.goto(ui_url(exp_id, parent_id, base=runs_link.split("/#")[0]))  # as printed at the end of a job
-        page.get_by_text("Description").first.wait_for(timeout=30_000)
-        show_more = page.get_by_text("Show more")
-        if show_more.count():
-            show_more.first.click()
-        page.wait_for_timeout(2000)
-        page.screenshot(path=folder / "3-parent-run.png", full_page=True)
+        header = page.locator('.ag-header-cell[col-id="attributes.`Run Name`"]').bounding_box()
+        assert header["width"] >= 250  # run names readable, not cut at 190 px
+
+        page.goto(sweep_link)  # the sweep's parent run: its best per target and the report
+        page.get_by_text("best/digits-50/test_acc_pct").first.wait_for(timeout=30_000)
+        page.screenshot(path=shots / "2-sweep-run.png", full_page=True)
         body = page.inner_text("body")
         assert "test accuracy %" in body  # the results table as its description
         assert "Child runs" in body
         assert "Evaluation runs" not in body  # the model-training sidebar, not GenAI's
-        page.goto(next(link for link in links if "compareRunsMode=CHART" in link))
-        page.wait_for_timeout(5000)
-        page.screenshot(path=folder / "4-accuracy-vs-gflops.png")
-        page.get_by_text("Accuracy vs compute").first.wait_for(timeout=60_000)  # the scatter's section
-        body = page.inner_text("body")
-        assert "Group by" in body
-        assert "finetune.strategy" in body  # the groups the scatter colours
+
+        page.goto(chart_link)
+        page.get_by_text("Accuracy vs compute").first.wait_for(timeout=60_000)
+        card = page.locator('[data-testid="experiment-view-compare-runs-card"]').first
+        card.locator(".js-plotly-plot").wait_for(timeout=30_000)
+        page.wait_for_timeout(2000)
+        page.screenshot(path=shots / "3-accuracy-vs-gflops.png")
+        box = card.bounding_box()
+        assert box["width"] >= 600, box  # MLflow's default: ~300 px, 3 a row (~170 beside the assistant)
+        assert box["height"] >= 400, box
+        legend = card.inner_text()
+        assert "Unassigned" not in legend  # every charted run has a group (no parent run among them)
+        assert "finetune.strategy: probe" in legend
+        assert "finetune.strategy: fine_tune" in legend
+        assert "Group by" in page.inner_text("body")
         browser.close()
+    kept = SHOTS / "browser"
+    kept.mkdir(parents=True, exist_ok=True)
+    for shot in shots.iterdir():
+        shutil.copy(shot, kept / shot.name)
+    print(f"screenshots: {kept}")

@@ -111,7 +111,10 @@ def test_a_failing_job_is_isolated_and_the_sweep_reports_it(store: str, tmp_path
         "sweep/failed": 1,
         "sweep/skipped": 0,
         "sweep/paused": 0,  # halving rungs only
+        "sweep/pruned": 0,
     }
+    best = [k for k in parent.data.metrics if k.startswith("best/digits-50/")]  # the parent's row shows results
+    assert sorted(best) == ["best/digits-50/test_acc_pct", "best/digits-50/val_acc_pct"]
     lines = result.stdout.splitlines()
     assert sum(line.startswith("[job ") for line in lines) == 3
     assert any(line.startswith("[job 3/3] FINISHED optim.lr=0.002 | test/acc=") for line in lines), lines
@@ -119,6 +122,10 @@ def test_a_failing_job_is_isolated_and_the_sweep_reports_it(store: str, tmp_path
     assert summary.startswith("sweep broken: 2 finished, 1 failed, 0 skipped of 3")
     assert "failed: optim.lr=1e+30 (NonFiniteLoss" in summary
     assert "workflowType=machine_learning" in result.stdout
+    assert (
+        f"sweep run (best per target, report): http://127.0.0.1:5000/#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}"
+        in result.stdout
+    )
 
 
 def test_a_killed_job_resumes_into_its_run_with_identical_metrics(store: str, tmp_path: Path) -> None:
