@@ -13,6 +13,8 @@ import urllib.request
 import mlflow
 import pytest
 
+from transferlab.tracking.ui_app import AUTO_OPENED
+
 pytestmark = pytest.mark.slow
 
 
@@ -54,6 +56,7 @@ def test_ui_serves_the_local_store(store: str, tmp_path) -> None:
         assert "browse-me" in {e["name"] for e in body["experiments"]}
         page = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).read().decode()
         assert "<html" in page.lower()
+        assert f"localStorage.setItem('{AUTO_OPENED}','true')" in page  # MLflow's assistant stays closed at first
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)

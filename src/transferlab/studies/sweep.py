@@ -18,7 +18,7 @@ from transferlab.config import sweep_grid
 from transferlab.jobs.ledger import SweepLedger
 from transferlab.studies.report import write_report
 from transferlab.tracking import sweep_context
-from transferlab.tracking.links import ui_url
+from transferlab.tracking.links import set_default_view, ui_url
 from transferlab.tracking.run import RunTracker, experiment_id, tracking_uri
 
 
@@ -79,14 +79,15 @@ class SweepCallback(Callback):
         SweepCallback.failed = counts["failed"]
         tracker = RunTracker(config.tracking)
         tracker.attach(run_id)
-        _, exp_id = experiment_id(config.tracking)
-        counts["pruned"] = _pruned(tracker.client, exp_id, run_id)  # halving: stopped at a rung
+        client, exp_id = experiment_id(config.tracking)
+        counts["pruned"] = _pruned(client, exp_id, run_id)  # halving: job runs stopped at a rung
         tracker.log_metrics({f"{tags.SWEEP_COUNT}{k}": v for k, v in counts.items()})
         summary = ledger.summary_line(str(config.study))
         tracker.set_tags({tags.SWEEP_SUMMARY: summary[:5000]})
         tracker.end("FAILED" if counts["failed"] else "FINISHED")
         print(summary, flush=True)
         uri = tracking_uri(config.tracking)
+        set_default_view(client, exp_id)  # the view the link opens, also in stores made before it
         print(f"runs: {ui_url(exp_id, uri=uri)}  (serve a local store: transferlab ui)")
         print(f"sweep run (best per target, report): {ui_url(exp_id, run_id, uri=uri)}", flush=True)
 
