@@ -40,19 +40,19 @@ JOB = [
 LAUNCHERS = {"basic": [], "joblib": ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]}
 
 
-def rss_mb(process: psutil.Process) -> float:
-    """The process and every child (joblib workers), in MB."""
-    total = 0
+def usage(process: psutil.Process) -> tuple[float, float]:
+    """(RSS in MB, CPU seconds) of the process and every child (joblib workers)."""
+    rss, cpu = 0, 0.0
     for p in [process, *process.children(recursive=True)]:
         try:
-            total += p.memory_info().rss
+            rss, cpu = rss + p.memory_info().rss, cpu + sum(p.cpu_times()[:2])
         except psutil.NoSuchProcess:
             continue
-    return total / 2**20
+    return rss / 2**20, cpu
 
 
-def run_sweep(folder: Path, jobs: int, launcher: str) -> tuple[float, list[tuple[float, float]], list[float]]:
-    """(wall s, [(time, RSS MB)], job end times in job order)."""
+def run_sweep(folder: Path, jobs: int, launcher: str) -> tuple[float, list[tuple[float, float, float]], list[float]]:
+    """(wall s, [(time, RSS MB, CPU s)], job end times in job order)."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}", "HF_HUB_OFFLINE": "1"}
     seeds = ",".join(str(i) for i in range(jobs))
     cmd = [sys.executable, "-m", "transferlab", "train", "-m", *JOB, f"study=scale_{launcher}", f"seed={seeds}"]
@@ -62,7 +62,7 @@ def run_sweep(folder: Path, jobs: int, launcher: str) -> tuple[float, list[tuple
         proc = subprocess.Popen(cmd, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT)
         watched, samples = psutil.Process(proc.pid), []
         while proc.poll() is None:
-            samples.append((time.time(), rss_mb(watched)))
+            samples.append((time.time(), *usage(watched)))
             time.sleep(0.5)
     if proc.returncode != 0:
         raise SystemExit(f"sweep failed: {(folder / 'sweep.log').read_text()[-3000:]}")
@@ -72,8 +72,8 @@ def run_sweep(folder: Path, jobs: int, launcher: str) -> tuple[float, list[tuple
     return time.time() - start, samples, ends
 
 
-def rss_at(samples: list[tuple[float, float]], when: float) -> float:
-    return min(samples, key=lambda s: abs(s[0] - when))[1]
+def usage_at(samples: list[tuple[float, float, float]], when: float, column: int = 1) -> float:
+    return min(samples, key=lambda s: abs(s[0] - when))[column]
 
 
 def main() -> None:
@@ -99,21 +99,29 @@ def main() -> None:
         shutil.rmtree(folder, ignore_errors=True)
     gaps = [b - a for a, b in zip(ends, ends[1:])]
     first, last = sum(gaps[: window - 1]) / (window - 1), sum(gaps[-(window - 1) :]) / (window - 1)
-    grown = rss_at(samples, ends[-1]) - rss_at(samples, ends[window - 1])
+    grown = usage_at(samples, ends[-1]) - usage_at(samples, ends[window - 1])
     ended = time.strftime("%H:%M:%S UTC", time.gmtime())
     print(f"{began} to {ended}; {os.cpu_count()} cores; load average {load:.1f} at start, ", end="")
     print(f"{os.getloadavg()[0]:.1f} at end; launcher {opts.launcher}")
     print("| measure | value | target |\n|---|---|---|")
     print(f"| jobs | {opts.jobs} | |")
     print(f"| sweep wall (s) | {wall:.0f} | |")
+    print(f"| first job ended (s after the command started: checks, Hydra, job 1) | {ends[0] - samples[0][0]:.1f} | |")
     print(f"| s per job, first {window} jobs | {first:.2f} | |")
     print(f"| s per job, last {window} jobs | {last:.2f} | |")
     print(f"| last / first | {last / first:.2f} | within 1.2 |")
-    print(f"| RSS after job {window} (MB) | {rss_at(samples, ends[window - 1]):.0f} | |")
+    # CPU seconds per job (sweep process and workers): what the machine's load does not stretch
+    cpu_first = (usage_at(samples, ends[window - 1], 2) - usage_at(samples, ends[0], 2)) / (window - 1)
+    cpu_last = (usage_at(samples, ends[-1], 2) - usage_at(samples, ends[-window], 2)) / (window - 1)
+    ratio = cpu_last / cpu_first
+    print(
+        f"| CPU s per job, first / last {window} jobs | {cpu_first:.2f} / {cpu_last:.2f} ({ratio:.2f}x) | within 1.2 |"
+    )
+    print(f"| RSS after job {window} (MB) | {usage_at(samples, ends[window - 1]):.0f} | |")
     print(f"| RSS growth, job {window} to the last (MB) | {grown:+.0f} | < 100 |")
     print(f"| peak RSS (MB) | {max(s[1] for s in samples):.0f} | |")
     tenths = [ends[max(0, len(ends) * q // 10 - 1)] for q in range(1, 11)]
-    shown = ", ".join(f"{rss_at(samples, t):.0f}" for t in tenths)
+    shown = ", ".join(f"{usage_at(samples, t):.0f}" for t in tenths)
     print(f"| RSS (MB) after each tenth of the jobs | {shown} | |")
     chunk = max(1, len(gaps) // 10)
     shown = ", ".join(f"{sum(gaps[i : i + chunk]) / len(gaps[i : i + chunk]):.2f}" for i in range(0, len(gaps), chunk))
