@@ -76,3 +76,31 @@ def test_a_probe_job_solved_by_lbfgs_is_deterministic_and_counts_its_compute(sto
     assert first["test/acc"] == again["test/acc"]
     assert first["compute/train_flops"] > 0
     assert first["compute/epochs"] == 0  # no SGD epoch ran
+
+
+def test_the_same_inputs_are_solved_once_per_process(monkeypatch) -> None:
+    """Seeds of a whole-data probe give the solver the same inputs: the later ones reuse the first
+    fit (no L-BFGS run), get equal weights, and cannot corrupt it; any changed input solves anew."""
+    import transferlab.transfer.linear_probe as lp
+
+    monkeypatch.setattr(lp, "SOLVED", type(lp.SOLVED)())
+    fits = []
+    real_fit = LogisticRegression.fit
+    monkeypatch.setattr(LogisticRegression, "fit", lambda self, *a, **k: fits.append(1) or real_fit(self, *a, **k))
+    train_x, train_y = _blobs(60, 5, 3, seed=6)
+    val_x, val_y = _blobs(30, 5, 3, seed=7)
+    first = fit_logistic(train_x, train_y, val_x, val_y, num_classes=3)
+    solved = len(fits)
+    assert solved == len(lp.PENALTIES)
+    assert not first.reused
+    first.weight[:] = 0  # a caller's change must not reach the next job
+    again = fit_logistic(train_x.copy(), train_y.copy(), val_x, val_y, num_classes=3)
+    assert again.reused
+    assert len(fits) == solved
+    assert np.abs(again.weight).sum() > 0
+    assert again.penalty == first.penalty
+    relabelled = train_y.copy()
+    relabelled[0] = (relabelled[0] + 1) % 3
+    other = fit_logistic(train_x, relabelled, val_x, val_y, num_classes=3)
+    assert not other.reused
+    assert len(fits) == 2 * solved

@@ -289,6 +289,7 @@ def _solve_head(
     progress.train_flops += 2 * forward_flops(features.train_costs()) * samples
     tracker.log_metrics(
         {"val/acc": fit.val_acc, "probe/penalty_C": fit.penalty, "probe/iterations": fit.iterations}
+        | {"probe/solver_reused": float(fit.reused)}
         | {"compute/probe_solver_seconds": fit.seconds, "compute/probe_solver_samples": samples},
         step=progress.epoch,
     )

@@ -9,9 +9,11 @@ Linear head, so the test, the logged model and every metric work as for any othe
 
 from __future__ import annotations
 
+import hashlib
 import time
 import warnings
-from dataclasses import dataclass, field
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -25,6 +27,11 @@ from transferlab.transfer.features import FeatureDataModule
 # Inverse L2 strengths tried, weakest penalty last (Kornblith et al. searched a log grid too).
 PENALTIES = tuple(10.0**k for k in range(-5, 3))
 MAX_ITER = 300
+# Fits already solved in this process, by their exact inputs: the seeds of a probe on a whole data
+# set see the same features and labels, and L-BFGS on a convex loss gives the same answer, so the
+# 2nd and 3rd seed reuse the 1st's fit instead of solving it again (a sweep's jobs share a process).
+SOLVED: OrderedDict[str, ProbeFit] = OrderedDict()
+SOLVED_KEEP = 8
 
 
 @dataclass
@@ -38,6 +45,7 @@ class ProbeFit:
     iterations: int  # L-BFGS iterations over all penalties tried (full passes over train)
     val_acc_by_penalty: dict[float, float] = field(default_factory=dict)
     seconds: float = 0.0
+    reused: bool = False  # the same inputs were solved before in this process (SOLVED)
 
 
 def fit_logistic(
@@ -52,6 +60,12 @@ def fit_logistic(
     converges far better on them), keep the best on val (ties: the stronger penalty), and fold
     the standardisation back into the weights."""
     start = time.perf_counter()
+    key = _inputs_key(train_x, train_y, val_x, val_y, extra=(num_classes, tuple(penalties), MAX_ITER))
+    if (done := SOLVED.get(key)) is not None:
+        SOLVED.move_to_end(key)
+        weight, bias, scores = done.weight.copy(), done.bias.copy(), dict(done.val_acc_by_penalty)
+        seconds = time.perf_counter() - start
+        return replace(done, weight=weight, bias=bias, val_acc_by_penalty=scores, seconds=seconds, reused=True)
     train_x, val_x = np.asarray(train_x, dtype=np.float64), np.asarray(val_x, dtype=np.float64)
     mean, std = train_x.mean(0), train_x.std(0) + 1e-6
     zs_train, zs_val = (train_x - mean) / std, (val_x - mean) / std
@@ -78,7 +92,21 @@ def fit_logistic(
         coef, intercept = np.vstack([-coef / 2, coef / 2]), np.array([-intercept[0] / 2, intercept[0] / 2])
     weight[present] = coef / std
     bias[present] = intercept - (coef / std) @ mean
-    return ProbeFit(weight, bias, c, scores[c], iterations, scores, time.perf_counter() - start)
+    fit = ProbeFit(weight, bias, c, scores[c], iterations, scores, time.perf_counter() - start)
+    SOLVED[key] = replace(fit, weight=weight.copy(), bias=bias.copy(), val_acc_by_penalty=dict(scores))
+    while len(SOLVED) > SOLVED_KEEP:
+        SOLVED.popitem(last=False)
+    return fit
+
+
+def _inputs_key(*arrays: np.ndarray, extra: tuple) -> str:
+    """sha256 over every array's dtype, shape and bytes, and the solver's settings."""
+    digest = hashlib.sha256(repr(extra).encode())
+    for array in arrays:
+        array = np.ascontiguousarray(array)
+        digest.update(f"{array.dtype}{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
 
 
 def set_linear_head(head: nn.Module, fit: ProbeFit) -> None:
