@@ -2,9 +2,9 @@
 
 1. `transferlab --help`, a mistyped field and a bad value: process start to exit (median of
    REPEATS fresh processes), and whether torch was imported on the way.
-2. A two-job sweep of the CLI in one process (the basic launcher): for each job, seconds from
-   Hydra calling the task body to the first training step, and for the first job also from
-   process start. Job 2 pays no import: what is left is the job's own set-up.
+2. A sweep of SWEEP_JOBS jobs of the CLI in one process (the basic launcher): for each job,
+   seconds from Hydra calling the task body to the first training step, and for the first job also
+   from process start. Later jobs pay no import: what is left is the job's own set-up (their median).
 
 Run: `.venv/bin/python benchmarks/bench_startup.py` (about 1 min); it prints a markdown table.
 """
@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 REPEATS = 5
+SWEEP_JOBS = 4  # jobs 2..4 pay no import: their median is the job's own set-up
 FAST = [
     "backbone.weights=scratch",
     "data=digits",
@@ -76,7 +77,7 @@ def time_cli(argv: list[str], cwd: Path) -> tuple[float, bool]:
 
 def time_sweep(cwd: Path) -> list[dict]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}"}
-    args = ["train", "-m", *FAST, "study=startup", "seed=0,1"]
+    args = ["train", "-m", *FAST, "study=startup", "seed=" + ",".join(map(str, range(SWEEP_JOBS)))]
     out = subprocess.run([sys.executable, "-c", TIMED_SWEEP, *args], cwd=cwd, env=env, capture_output=True, text=True)
     line = next((x for x in out.stdout.splitlines() if x.startswith("TIMES ")), None)
     if line is None:
@@ -92,10 +93,12 @@ def main() -> None:
             seconds, torch = time_cli(argv, cwd)
             print(f"| {name} (median of {REPEATS}) | {seconds:.2f} | {'yes' if torch else 'no'} |")
         jobs = time_sweep(cwd)
-        first, second = jobs[0], jobs[1]
+        first, later = jobs[0], [j["first_step"] - j["start"] for j in jobs[1:]]
         print(f"| sweep job 1: process start to first training step | {first['first_step']:.2f} | yes |")
         print(f"| sweep job 1: task body to first training step | {first['first_step'] - first['start']:.2f} | yes |")
-        print(f"| sweep job 2: task body to first training step | {second['first_step'] - second['start']:.2f} | - |")
+        each = " / ".join(f"{t:.2f}" for t in later)
+        name = f"sweep jobs 2-{len(jobs)}: task body to first training step, median ({each})"
+        print(f"| {name} | {statistics.median(later):.2f} | - |")
 
 
 if __name__ == "__main__":
