@@ -23,7 +23,7 @@ sweep: install
 	$(BIN)/transferlab pretrain backbone=efficientnet_lite0_silhouettes
 	# Advice for the study's four targets first (seconds); the report checks it against the grid.
 	$(BIN)/transferlab advise experiment=default
-	# One study, three grids: probes everywhere, fine-tunes and scratch on the small targets.
+	# One study, three grids: probes everywhere, ImageNet fine-tunes and scratch on the small targets.
 	$(BIN)/transferlab train -m experiment=default
 	$(BIN)/transferlab train -m experiment=default_finetune
 	$(BIN)/transferlab train -m experiment=default_scratch
