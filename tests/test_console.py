@@ -104,3 +104,30 @@ def test_a_long_step_off_a_terminal_prints_plain_lines(monkeypatch, capsys) -> N
     with console.step("quick", total=1, min_seconds=60) as advance:
         advance(1)
     assert capsys.readouterr().out == ""  # a short step says nothing
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_pretrain_hides_library_info_lines_unless_verbose(verbose, monkeypatch, capfd) -> None:
+    """`transferlab pretrain` once printed MLflow's database notices and Lightning's device lines
+    around its epoch lines; they are for -v now, as in a sweep."""
+    import transferlab.jobs.upstream
+    from transferlab.cli import main
+
+    def source(cfg, train):
+        for name in ("mlflow.store.db.utils", "pytorch_lightning.utilities.rank_zero"):
+            logging.getLogger(name).info("library notice from %s", name)
+        return "backbone.safetensors", {"transferlab.source_run_id": "r1"}
+
+    monkeypatch.setenv(console.VERBOSE_ENV, "0")
+    monkeypatch.setattr(transferlab.jobs.upstream, "ensure_source", source)
+    logging.getLogger().setLevel(logging.INFO)
+    handler = logging.StreamHandler(sys.stderr)  # a console handler, as Lightning and MLflow add
+    logging.getLogger().addHandler(handler)
+    try:
+        assert main(["pretrain", *(["-v"] if verbose else [])]) == 0
+    finally:
+        logging.getLogger().removeHandler(handler)
+        logging.getLogger().setLevel(logging.WARNING)
+    out, err = capfd.readouterr()
+    assert "source model: backbone.safetensors" in out
+    assert ("library notice" in err) == verbose

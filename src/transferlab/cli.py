@@ -222,6 +222,7 @@ def _pretrain(args: list[str]) -> int:
     from transferlab.jobs.run import run
     from transferlab.jobs.upstream import ensure_source
 
+    args = _verbosity(args)  # epoch lines show its progress; library INFO lines only with -v
     _check_keys(args)
     cfg = compose_config(args)
     validate(cfg)
