@@ -63,7 +63,15 @@ def backbone_cfg(name: str, weights: str, channels: int = 4):
 # --- the first conv, by timm's rule ------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("name", "conv"), [("test_resnet", "conv1.0"), ("mobilenetv3_small_050", "conv_stem")])
+FIRST_CONVS = [  # one per family: resnet, mobilenetv3, convnext, regnet (lite0: the wheel test below)
+    ("test_resnet", "conv1.0"),
+    ("mobilenetv3_small_050", "conv_stem"),
+    ("test_convnext", "stem.0"),
+    ("regnetx_002", "stem.conv"),
+]
+
+
+@pytest.mark.parametrize(("name", "conv"), FIRST_CONVS)
 def test_four_channel_first_conv_repeats_the_rgb_filters_scaled_by_three_quarters(tmp_path, name, conv):
     path, state = saved_weights(name, tmp_path / "w.safetensors")
     model = create_backbone(backbone_cfg(name, str(path))).model
@@ -74,7 +82,7 @@ def test_four_channel_first_conv_repeats_the_rgb_filters_scaled_by_three_quarter
     assert all(torch.equal(v, state[k]) for k, v in others.items())  # nothing else changed
 
 
-@pytest.mark.parametrize("name", ["test_resnet", "resnet10t", "mobilenetv3_small_050"])
+@pytest.mark.parametrize("name", ["test_resnet", "resnet10t", "mobilenetv3_small_050", "test_convnext", "regnetx_002"])
 def test_the_fourth_channel_changes_the_output(tmp_path, name):
     path, _ = saved_weights(name, tmp_path / "w.safetensors")
     model = create_backbone(backbone_cfg(name, str(path))).model.eval()
