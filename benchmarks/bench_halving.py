@@ -16,6 +16,11 @@ partial cost included) and of its wall time.
 `OMP_NUM_THREADS=1 python benchmarks/bench_halving.py [--per-class 20] [--seeds 3] [--epochs 6] [--lrs 0.001,0.003]
 [--backbone efficientnet_lite0]` (the last: ImageNet Lite0 at 64 px instead of test_resnet from the source,
 jobs where fit time dominates the fixed per-job cost)
+
+`--experiment default|backbones [--source-epochs 4]`: instead, a study's own grid as users run it
+(`transferlab train -m experiment=<name>`, its `hydra.sweeper.params`), grid against halving; the
+grid's source models are pretrained first (`transferlab pretrain`, one per swept backbone), so
+neither sweep pays for them. A configuration is every swept key but the seed.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
+from omegaconf import OmegaConf
 
 from transferlab.studies.halving import rung_budgets
 from transferlab.studies.stats import paired_p, verdict
@@ -59,7 +65,11 @@ def sweep(folder: Path, study: str, cache: Path, job: list[str], extra: list[str
     return wall
 
 
+CONFIG_PARAMS = ("backbone.name", "backbone.weights", "finetune.strategy", "finetune.truncate_after", "optim.lr")
+
+
 def job_runs(client: mlflow.MlflowClient, study: str) -> pd.DataFrame:
+    """One row per job run; `config` names the parameters that differ between configurations."""
     exp = client.get_experiment_by_name(study)
     rows = []
     for run in client.search_runs([exp.experiment_id], "tags.`transferlab.role` = 'job'", max_results=5000):
@@ -67,7 +77,7 @@ def job_runs(client: mlflow.MlflowClient, study: str) -> pd.DataFrame:
         rows.append(
             {
                 "target": target_label(p["data.name"], m.get("data/train_size")),
-                "config": f"{p['finetune.strategy']} lr={p['optim.lr']}",
+                "config": {k: p.get(k, "") for k in CONFIG_PARAMS},
                 "seed": int(p["seed"]),
                 "status": run.info.status,
                 "test_acc": 100 * m.get("test/acc", np.nan),
@@ -76,6 +86,30 @@ def job_runs(client: mlflow.MlflowClient, study: str) -> pd.DataFrame:
             }
         )
     return pd.DataFrame(rows)
+
+
+def label_configs(*frames: pd.DataFrame) -> None:
+    """`config` as a short label: the parameters whose value differs across the runs, in place."""
+    keys = [k for k in CONFIG_PARAMS if len({f["config"][k] for df in frames for f in df.to_dict("records")}) > 1]
+    for df in frames:
+        df["config"] = [" ".join(c[k] if k != "optim.lr" else f"lr={c[k]}" for k in keys) for c in df["config"]]
+
+
+def experiment_grid(name: str) -> dict[str, list[str]]:
+    """The experiment's own sweep (conf/experiment/<name>.yaml), key -> values."""
+    params = OmegaConf.load(Path(__file__).parents[1] / "conf" / "experiment" / f"{name}.yaml").hydra.sweeper.params
+    return {k: str(v).split(",") for k, v in params.items()}
+
+
+def pretrain_sources(folder: Path, cache: Path, job: list[str], grid: dict[str, list[str]]) -> None:
+    """Train each source model the grid needs, before either sweep (a backbone without a source is skipped)."""
+    key = next((k for k in ("backbone.name", "backbone") if k in grid), None)
+    for value in grid.get(key, [None]):
+        chosen = [f"{key}={value}"] if value else []
+        cmd = [sys.executable, "-m", "transferlab", "pretrain", *job, *chosen, f"cache_dir={cache}"]
+        done = subprocess.run(cmd, cwd=folder, env=_env(folder), capture_output=True, text=True)
+        if done.returncode != 0 and "weights=source" not in done.stderr:  # an ImageNet backbone has no source
+            raise SystemExit(f"pretrain {chosen} failed:\n{done.stderr[-3000:]}")
 
 
 def compare(grid: pd.DataFrame, halving: pd.DataFrame) -> list[list[str]]:
@@ -114,30 +148,43 @@ def main() -> None:
     parser.add_argument(
         "--backbone", default=None, help="a backbone config with its own weights (efficientnet_lite0), no source"
     )
+    parser.add_argument("--experiment", default=None, help="a study's own grid instead (default, backbones)")
+    parser.add_argument("--source-epochs", type=int, default=None, help="with --experiment: shorter source models")
     opts = parser.parse_args()
-    source = [f"backbone={opts.backbone}"] if opts.backbone else [SOURCE]
-    job = [*source, "data.augment=none", "trainer.accelerator=cpu", f"trainer.max_epochs={opts.epochs}"]
-    grid = ["data=animals_similar,digits", f"data.samples_per_class={opts.per_class}", f"finetune={STRATEGIES}"]
-    grid += [f"optim.lr={opts.lrs}", "seed=" + ",".join(map(str, range(opts.seeds)))]
+    if opts.experiment:
+        epochs = opts.source_epochs
+        shorter = [f"backbone.source_overrides=['trainer.max_epochs={epochs}']"] if epochs else []
+        job, grid = [f"experiment={opts.experiment}", *shorter, "trainer.accelerator=cpu"], []
+        opts.epochs = int(OmegaConf.load(Path(__file__).parents[1] / "conf" / "trainer" / "default.yaml").max_epochs)
+    else:
+        source = [f"backbone={opts.backbone}"] if opts.backbone else [SOURCE]
+        job = [*source, "data.augment=none", "trainer.accelerator=cpu", f"trainer.max_epochs={opts.epochs}"]
+        grid = ["data=animals_similar,digits", f"data.samples_per_class={opts.per_class}", f"finetune={STRATEGIES}"]
+        grid += [f"optim.lr={opts.lrs}", "seed=" + ",".join(map(str, range(opts.seeds)))]
     folder = opts.keep or Path(tempfile.mkdtemp())
     folder.mkdir(parents=True, exist_ok=True)
     cache = opts.cache or folder / "cache"
     try:
         mlflow.MlflowClient(f"sqlite:///{folder / 'mlflow.db'}").search_experiments()  # migrate once
-        if not opts.backbone:
+        if opts.experiment:
+            pretrain_sources(folder, cache, job, experiment_grid(opts.experiment))
+        elif not opts.backbone:
             pretrain = [sys.executable, "-m", "transferlab", "pretrain", SOURCE, f"cache_dir={cache}"]
             subprocess.run(pretrain, cwd=folder, env=_env(folder), check=True, capture_output=True)
         halving_wall = sweep(folder, "bench_halving", cache, [*job, *grid], HALVING)
         grid_wall = sweep(folder, "bench_grid", cache, [*job, *grid], [])
         client = mlflow.MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
         full, halved = job_runs(client, "bench_grid"), job_runs(client, "bench_halving")
+        label_configs(full, halved)
     finally:
         if opts.keep is None:
             shutil.rmtree(folder, ignore_errors=True)
     print(f"{os.cpu_count()} cores; load average at end {os.getloadavg()[0]:.1f}")
-    configs = full["config"].nunique()
+    configs = full.groupby("target")["config"].nunique().max()
+    seeds = full["seed"].nunique()
     print(
-        f"grid: {full['target'].nunique()} targets x {configs} configurations x {opts.seeds} seeds = {len(full)} jobs, "
+        f"{opts.experiment or 'small default'} grid: {full['target'].nunique()} targets x up to {configs} "
+        f"configurations x {seeds} seeds = {len(full)} jobs, "
         f"{opts.epochs} epochs; halving: eta 3, rungs {rung_budgets(1, 3, opts.epochs)} epochs"
     )
     print("\n| target | grid winner (mean test %) | halving's pick (mean test %) | pick's rank in the grid | verdict |")

@@ -92,6 +92,13 @@ TABLE = [
     ("devices beyond what exists", "train", [*DIGITS, "trainer.devices=4096"], "but this node has", "use at most"),
     ("unreachable store", "train", [*DIGITS, "tracking.uri=http://127.0.0.1:9"], "is unreachable", "sqlite:///"),
     (
+        "pretrain a backbone without a source",
+        "pretrain",
+        ["backbone=efficientnet_lite0"],
+        "use no source model",
+        "set backbone.weights=source",
+    ),
+    (
         "unknown run id",
         "reproduce",
         ["0123456789abcdef0123456789abcdef"],

@@ -108,8 +108,9 @@ class PretendJobs:
     """Each job logs `val/acc` = base + 0.01 x epoch (+ 0.001 x seed) per epoch up to its
     `trainer.stop_after_epochs` (or 4), continuing its own run; it leaves a checkpoint dir."""
 
-    def __init__(self, cache: Path, fail_on_launch: int | None = None, score=None, ledger=None) -> None:
+    def __init__(self, cache: Path, fail_on_launch: int | None = None, score=None, ledger=None, length=None) -> None:
         self.cache, self.fail_on_launch, self.launches, self.epochs = cache, fail_on_launch, [], 0
+        self.length = length or (lambda o: 4)  # epochs of the job's whole plan (1: done within the first rung)
         self.ledger, self.totals = ledger, []  # the job lines' N as each launch starts
         self.score = score or (lambda o: BASE[(o["data.samples_per_class"], o["finetune.freeze_depth"])])
         self.client = mlflow.MlflowClient()
@@ -139,13 +140,15 @@ class PretendJobs:
                 found[0].info.run_id if found else self.client.create_run(exp, tags={tags.CONFIG_HASH: key}).info.run_id
             )
             done = len(self.client.get_metric_history(run_id, "val/acc"))
-            stop = 4 if o["trainer.stop_after_epochs"] == "null" else int(o["trainer.stop_after_epochs"])
+            length = self.length(o)
+            stop = length if o["trainer.stop_after_epochs"] == "null" else int(o["trainer.stop_after_epochs"])
+            stop = min(stop, length)
             base = self.score(o) + 0.001 * int(o["seed"])
             for epoch in range(done, stop):
                 self.client.log_metric(run_id, "val/acc", base + 0.01 * epoch, step=epoch)
                 self.epochs += 1
-            status = "FINISHED" if stop == 4 else "PAUSED"
-            self.client.set_terminated(run_id, "FINISHED" if stop == 4 else "SCHEDULED")
+            status = "FINISHED" if stop == length else "PAUSED"
+            self.client.set_terminated(run_id, "FINISHED" if stop == length else "SCHEDULED")
             returns.append(SimpleNamespace(return_value=JobOutcome(status, math.nan, run_id, key, str(self.cache))))
         return returns
 
@@ -193,6 +196,27 @@ def test_halving_prunes_per_target_and_marks_the_pruned_runs(store: str, tmp_pat
     for point in (("5", "1"), ("10", "0")):
         assert {r.info.status for r in runs[point]} == {"FINISHED"}
         assert {r.data.tags.get(tags.PRUNED) for r in runs[point]} == {None}
+
+
+def test_a_configuration_whose_jobs_finish_within_a_rung_is_complete_not_pruned(store: str, tmp_path: Path) -> None:
+    """An L-BFGS probe's whole plan fits in the first rung: its runs stay FINISHED (never KILLED
+    or tagged pruned), it is not launched again, and it can still win its target."""
+    one_shot = {"1", "3"}  # freeze depths whose jobs finish at epoch 1
+    jobs = PretendJobs(tmp_path / "cache", length=lambda o: 1 if o["finetune.freeze_depth"] in one_shot else 4)
+    winners = _sweep(tmp_path, jobs).run([], GRID)
+    # depth 1 on 5 per class scores best there (0.80) and finished in rung 1: it wins without more launches
+    assert winners["data.samples_per_class=5"] == "data.samples_per_class=5 finetune.freeze_depth=1"
+    assert winners["data.samples_per_class=10"] == "data.samples_per_class=10 finetune.freeze_depth=0"
+    launched = [dict(x.split("=", 1) for x in job) for batch in jobs.launches for job in batch]
+    for depth in one_shot:
+        assert sum(o["finetune.freeze_depth"] == depth for o in launched) == 4  # 2 targets x 2 seeds, once
+    runs = _runs_by_point(store)
+    for point in (("5", "1"), ("5", "3"), ("10", "1"), ("10", "3")):
+        assert {r.info.status for r in runs[point]} == {"FINISHED"}
+        assert {r.data.tags.get(tags.PRUNED) for r in runs[point]} == {None}
+    # the epoch-trained configurations below the cutoff are still pruned
+    assert {r.info.status for r in runs[("5", "0")]} == {"KILLED"}
+    assert {r.info.status for r in runs[("10", "2")]} == {"KILLED"}
 
 
 @pytest.mark.parametrize(

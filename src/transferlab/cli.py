@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from transferlab import console
-from transferlab.errors import TransferlabError
+from transferlab.errors import ConfigError, TransferlabError
 
 # name -> (what it does, an example); `transferlab` and `transferlab --help` print this table.
 COMMANDS = {
@@ -226,6 +226,11 @@ def _pretrain(args: list[str]) -> int:
     _check_keys(args)
     cfg = compose_config(args)
     validate(cfg)
+    if str(cfg.backbone.weights) != "source":  # it would train minutes for a model no job reads
+        raise ConfigError(
+            f"backbone.weights={cfg.backbone.weights}: this backbone's jobs use no source model, so there is "
+            "nothing to pretrain; set backbone.weights=source to train one"
+        )
     weights, tags = ensure_source(cfg, train=run)
     print(f"source model: {weights}\nMLflow run: {tags['transferlab.source_run_id']}")
     return 0

@@ -173,6 +173,7 @@ class JobResult:
     cache_dir: str
     run_id: str | None
     score: float
+    finished: bool = False  # the run FINISHED: its whole plan fit in the rung's budget (an L-BFGS probe)
 
 
 Launch = Callable[[list[list[str]]], list[Any]]  # a batch of override lists -> Hydra JobReturns
@@ -232,7 +233,7 @@ class HalvingSweep:
             self._plan(alive, jobs, per_config, len(budgets) - number, later, f"{number}/{len(budgets)}")
             self._run_rung([(s, t, by_key[t.user_attrs["config"]]) for s, t in todo], fixed, budget, last)
             for study, trial in alive:
-                if last:
+                if last or _completed(study, trial):  # a job that fits its plan in the budget is done
                     self._finish(study, trial, budget)
                 else:
                     self._decide(study, trial, number, budget)
@@ -313,9 +314,10 @@ class HalvingSweep:
         query = f"tags.`{tags.CONFIG_HASH}` = '{key}'"
         found = self.client.search_runs([self.exp_id], query, max_results=1, order_by=["attributes.start_time DESC"])
         run_id = found[0].info.run_id if found else None
-        ok = run_id is not None and found[0].info.status in ("FINISHED", "SCHEDULED")
+        status = found[0].info.status if found else None
+        ok = status in ("FINISHED", "SCHEDULED")
         score = rung_score(self.client, run_id, self.settings.metric, self.settings.score) if ok else math.nan
-        return JobResult(seed, key, outcome.cache_dir, run_id, score)
+        return JobResult(seed, key, outcome.cache_dir, run_id, score, finished=status == "FINISHED")
 
     def _decide(self, study: optuna.Study, trial: optuna.Trial, number: int, budget: int) -> None:
         """Prune or promote after a rung; a decision is recorded once, so a resumed sweep keeps it."""
@@ -349,6 +351,8 @@ class HalvingSweep:
         print(f"pruned {_frozen(study, trial).user_attrs['config']}: {reason}", flush=True)
 
     def _finish(self, study: optuna.Study, trial: optuna.Trial, budget: int) -> None:
+        """The trial ends COMPLETE with its score (FAIL if a job failed): at the last rung, or at an
+        earlier one whose jobs all finished their plan (it costs nothing more and is never pruned)."""
         value = _frozen(study, trial).intermediate_values[budget]
         if math.isnan(value):  # a survivor's job failed at the full budget
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
@@ -389,6 +393,12 @@ def _describe(trial: optuna.Trial, config: Configuration, wave: int) -> None:
 def _configuration(trial: optuna.Trial) -> Configuration:
     attrs = trial.user_attrs
     return Configuration(tuple(attrs["overrides"]), attrs["target"], tuple(attrs["seeds"]))
+
+
+def _completed(study: optuna.Study, trial: optuna.Trial) -> bool:
+    """Every job of the trial finished its whole plan within the rung's budget."""
+    jobs = json.loads(_frozen(study, trial).user_attrs.get("jobs", "[]"))
+    return bool(jobs) and all(job.get("finished", False) for job in jobs)
 
 
 def _frozen(study: optuna.Study, trial: optuna.Trial) -> optuna.trial.FrozenTrial:
