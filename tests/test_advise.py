@@ -19,7 +19,7 @@ from transferlab.studies.advise import (
     target_label,
     verify_commands,
 )
-from transferlab.studies.report import label_runs
+from transferlab.studies.tables import label_runs
 
 
 def _rows(candidate: str, probes: list[float], stages=("stem", "stage1", "stage2")) -> list[dict]:
