@@ -11,8 +11,18 @@ Each round runs the job, the same job saving its resume state after every epoch
 (`tracking.save_every_s=0`, what every job did before) and the loop, one after the other, so a
 change in the machine's load reaches all three; the table gives medians over rounds.
 
+Two loops, both over the job's own data module and a module built the same way:
+- the *bare loop*: one AdamW group, no LR schedule, no metrics; a floor, not what the job computes;
+- the *same-work loop*: what the job computes, by hand: the module's per-stage AdamW groups (no
+  decay on norms and biases) and its per-step LR schedule, train and val loss and accuracy every
+  epoch (torchmetrics), a copy of the best-val-loss weights, and the test pass (accuracy, macro F1)
+  on those weights. The job against this loop is the framework's tax: Lightning's loop, MLflow,
+  checkpoints, FLOPs counting, checks.
+
 Run: `.venv/bin/python benchmarks/bench_job_tax.py` (about 2 min; BENCH_THREADS sets torch's
-intra-op threads, default 1; BENCH_ROUNDS the rounds, default 3); prints a markdown table.
+intra-op threads, default 1; BENCH_ROUNDS the rounds, default 3; BENCH_BACKBONE=efficientnet_lite0
+runs the default study's fine-tune instead: ImageNet Lite0 at 64 px, where a step's compute is
+larger); prints a markdown table.
 """
 
 from __future__ import annotations
@@ -26,8 +36,9 @@ from pathlib import Path
 
 import torch
 
+BACKBONE = os.environ.get("BENCH_BACKBONE")
 OVERRIDES = [
-    "backbone.weights=scratch",
+    f"backbone={BACKBONE}" if BACKBONE else "backbone.weights=scratch",
     "data=digits",
     "data.samples_per_class=40",
     "data.augment=none",
@@ -79,9 +90,8 @@ def instrument() -> None:
     timed(fit, "save_weights", "model artifact (safetensors + upload)")
 
 
-def plain_job(cfg) -> None:
-    """A hand-written loop over the job's own data module and a module built the same way:
-    the same epochs, AdamW, validation every epoch and one test pass."""
+def _built(cfg):
+    """(data module, module) built as the job builds them."""
     from transferlab.data import build_datamodule
     from transferlab.transfer.backbone import create_backbone, input_spec
     from transferlab.transfer.module import TransferModule
@@ -94,6 +104,61 @@ def plain_job(cfg) -> None:
     module = TransferModule(
         backbone.model, stages, data.num_classes, (3, spec.size, spec.size), cfg.finetune, cfg.optim
     )
+    return data, module
+
+
+def same_work_loop(cfg) -> float:
+    """By hand, what the job computes (module docstring); -> test accuracy."""
+    from transferlab.transfer.module import OPTIMIZERS
+    from transferlab.transfer.schedule import lr_factor
+
+    data, module = _built(cfg)
+    module.set_trainable(frozenset(range(module.kept)))  # fine_tune: one phase, every stage
+    optimizer = OPTIMIZERS[cfg.optim.name](module.param_groups(), cfg.optim)
+    epochs, train = int(cfg.trainer.max_epochs), data.train_dataloader()
+    total, warmup = len(train) * epochs, len(train) * int(cfg.optim.warmup_epochs)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total, warmup, cfg.optim.schedule)
+    )
+    best, best_loss = None, float("inf")
+    for _ in range(epochs):
+        module.train()
+        loss_sum, seen = 0.0, 0
+        for x, y in train:
+            logits = module(x)
+            loss = torch.nn.functional.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            module.train_acc.update(logits.detach(), y)
+            loss_sum, seen = loss_sum + float(loss) * len(y), seen + len(y)
+        module.train_acc.compute(), module.train_acc.reset()
+        module.eval()
+        val_loss, seen = 0.0, 0
+        with torch.no_grad():
+            for x, y in data.val_dataloader():
+                logits = module(x)
+                val_loss, seen = val_loss + float(torch.nn.functional.cross_entropy(logits, y)) * len(y), seen + len(y)
+                module.val_acc.update(logits, y)
+        module.val_acc.compute(), module.val_acc.reset()
+        if val_loss / seen < best_loss:
+            best_loss, best = val_loss / seen, {k: v.detach().clone() for k, v in module.state_dict().items()}
+    module.load_state_dict(best)
+    module.eval()
+    with torch.no_grad():
+        for x, y in data.test_dataloader():
+            logits = module(x)
+            module.test_acc.update(logits, y)
+            module.test_f1.update(logits, y)
+    module.test_f1.compute()
+    return float(module.test_acc.compute())
+
+
+def plain_job(cfg) -> None:
+    """A hand-written loop over the job's own data module and a module built the same way:
+    the same epochs, AdamW, validation every epoch and one test pass."""
+    data, module = _built(cfg)
     optimizer = torch.optim.AdamW(module.parameters(), lr=float(cfg.optim.lr))
     epochs = int(cfg.trainer.max_epochs)
     for _ in range(epochs):
@@ -120,6 +185,8 @@ def clocked(fn, *args) -> tuple[float, float, object]:
 
 
 EVERY_EPOCH = "job, resume state every epoch (`tracking.save_every_s=0`)"
+SAME = "same-work loop (param groups, LR schedule, metrics, best weights, test)"
+LOOPS = {"loop": plain_job, SAME: same_work_loop}
 
 
 def main() -> None:
@@ -128,7 +195,7 @@ def main() -> None:
     # other ran the same epochs 7-14x slower (measured here, 2026-12-01, load average 5-8).
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
     rounds = int(os.environ.get("BENCH_ROUNDS", "3"))
-    arms: dict[str, list[tuple[float, float]]] = {"job": [], EVERY_EPOCH: [], "loop": []}
+    arms: dict[str, list[tuple[float, float]]] = {"job": [], EVERY_EPOCH: [], SAME: [], "loop": []}
     parts: dict[str, float] = defaultdict(float)
     with tempfile.TemporaryDirectory() as tmp:
         os.chdir(tmp)
@@ -147,7 +214,7 @@ def main() -> None:
                 if arm == EVERY_EPOCH:  # another seed: `tracking` is not part of a job's identity
                     cfg = compose_config([*OVERRIDES, f"seed={r + 101}", "tracking.save_every_s=0"])
                 spent.clear()
-                wall, cpu, out = clocked(plain_job if arm == "loop" else run, cfg)
+                wall, cpu, out = clocked(LOOPS.get(arm, run), cfg)
                 arms[arm].append((wall, cpu))
                 if arm == "job":
                     metrics = out
@@ -155,11 +222,12 @@ def main() -> None:
                         parts[label] += seconds / rounds
     med = {arm: [statistics.median(t[i] for t in times) for i in (0, 1)] for arm, times in arms.items()}
     n = int(metrics["data/train_size"])
-    print(f"test_resnet 32 px, digits {n} train images, {int(metrics['compute/epochs'])} epochs, {rounds} ", end="")
+    model = f"{BACKBONE} (ImageNet) at 64 px" if BACKBONE else "test_resnet 32 px"
+    print(f"{model}, digits {n} train images, {int(metrics['compute/epochs'])} epochs, {rounds} ", end="")
     print("alternating rounds; medians over rounds (each round's in brackets)\n")
     print("| step | wall s | CPU s | CPU share of the job |\n|---|---|---|---|")
     for arm, times in arms.items():
-        name = "hand-written loop, same data, model, epochs, val and test" if arm == "loop" else arm
+        name = "bare loop: same data, model, epochs, val and test passes" if arm == "loop" else arm
         name = "**whole job** (`run(cfg)`)" if arm == "job" else name
         wall = " / ".join(f"{t[0]:.2f}" for t in times)
         cpu = " / ".join(f"{t[1]:.2f}" for t in times)
@@ -168,9 +236,9 @@ def main() -> None:
     for label, seconds in sorted(parts.items(), key=lambda kv: -kv[1]):
         print(f"| {label} (mean) | | {seconds:.2f} | {100 * seconds / med['job'][1]:.0f} % |")
     for i, clock in enumerate(("wall", "CPU")):
-        for arm in [a for a in arms if a != "loop"]:
-            each = " / ".join(f"{j[i] / p[i]:.2f}" for j, p in zip(arms[arm], arms["loop"], strict=True))
-            print(f"\n{arm} / loop, {clock}: {med[arm][i] / med['loop'][i]:.2f}x (rounds: {each})", end="")
+        for arm, loop in [(a, b) for b in (SAME, "loop") for a in arms if a not in LOOPS]:
+            each = " / ".join(f"{j[i] / p[i]:.2f}" for j, p in zip(arms[arm], arms[loop], strict=True))
+            print(f"\n{arm} / {loop}, {clock}: {med[arm][i] / med[loop][i]:.2f}x (rounds: {each})", end="")
     print()
 
 

@@ -91,7 +91,7 @@ def _label(cfg: DictConfig) -> str:
 
 
 def target_label(data: DictConfig, train_size: int) -> str:
-    """The label the report gives the target's runs (`report.label_runs`): name and train images."""
+    """The label the report gives the target's runs (`tables.label_runs`): name and train images."""
     name = tags.target_name({"params.data.name": str(data.name), "params.data.root": str(data.get("root"))})
     return tags.target_label(name, train_size)
 

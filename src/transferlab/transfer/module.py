@@ -199,11 +199,13 @@ class TransferModule(pl.LightningModule):
         x, y = batch
         logits = self(x)
         loss = F.cross_entropy(logits, y)
-        accuracy(logits, y)
+        # update(), not forward(): only the epoch value is logged, and forward() also computes a
+        # per-batch value on a copy of the state (measured: benchmarks/RESULTS.md, the job's own tax)
+        accuracy.update(logits.detach(), y)
         self.log(f"{split}/loss", loss, on_step=False, on_epoch=True, batch_size=len(y), sync_dist=True)
         self.log(f"{split}/acc", accuracy, on_step=False, on_epoch=True, batch_size=len(y))
         if split == "test":
-            self.test_f1(logits, y)
+            self.test_f1.update(logits, y)
             self.log("test/f1", self.test_f1, on_step=False, on_epoch=True, batch_size=len(y))
         return loss
 
