@@ -17,7 +17,7 @@ partial cost included) and of its wall time.
 [--backbone efficientnet_lite0]` (the last: ImageNet Lite0 at 64 px instead of test_resnet from the source,
 jobs where fit time dominates the fixed per-job cost)
 
-`--experiment default|backbones [--source-epochs 4]`: instead, a study's own grid as users run it
+`--experiment default|backbones [--source-epochs 4] [--min-budget 2]`: instead, a study's own grid as users run it
 (`transferlab train -m experiment=<name>`, its `hydra.sweeper.params`), grid against halving; the
 grid's source models are pretrained first (`transferlab pretrain`, one per swept backbone), so
 neither sweep pays for them. A configuration is every swept key but the seed.
@@ -46,7 +46,7 @@ from transferlab.tags import target_label
 STRATEGIES = "scratch,probe,probe_early,fine_tune"
 LRS = "0.001,0.003"
 SOURCE = "backbone.source_overrides=['trainer.max_epochs=4']"  # a shorter source pretraining, same for both
-HALVING = ["hydra/sweeper=halving", "hydra.sweeper.eta=3", "hydra.sweeper.min_budget=1"]
+HALVING = ["hydra/sweeper=halving", "hydra.sweeper.eta=3"]
 
 
 def _env(folder: Path) -> dict[str, str]:
@@ -92,7 +92,10 @@ def label_configs(*frames: pd.DataFrame) -> None:
     """`config` as a short label: the parameters whose value differs across the runs, in place."""
     keys = [k for k in CONFIG_PARAMS if len({f["config"][k] for df in frames for f in df.to_dict("records")}) > 1]
     for df in frames:
-        df["config"] = [" ".join(c[k] if k != "optim.lr" else f"lr={c[k]}" for k in keys) for c in df["config"]]
+        df["config"] = [
+            " ".join(c[k] if k != "optim.lr" else f"lr={c[k]}" for k in keys if c[k] not in ("", "None"))
+            for c in df["config"]
+        ]
 
 
 def experiment_grid(name: str) -> dict[str, list[str]]:
@@ -149,6 +152,7 @@ def main() -> None:
         "--backbone", default=None, help="a backbone config with its own weights (efficientnet_lite0), no source"
     )
     parser.add_argument("--experiment", default=None, help="a study's own grid instead (default, backbones)")
+    parser.add_argument("--min-budget", type=int, default=1, help="epochs of halving's first rung")
     parser.add_argument("--source-epochs", type=int, default=None, help="with --experiment: shorter source models")
     opts = parser.parse_args()
     if opts.experiment:
@@ -171,7 +175,8 @@ def main() -> None:
         elif not opts.backbone:
             pretrain = [sys.executable, "-m", "transferlab", "pretrain", SOURCE, f"cache_dir={cache}"]
             subprocess.run(pretrain, cwd=folder, env=_env(folder), check=True, capture_output=True)
-        halving_wall = sweep(folder, "bench_halving", cache, [*job, *grid], HALVING)
+        halving = [*HALVING, f"hydra.sweeper.min_budget={opts.min_budget}"]
+        halving_wall = sweep(folder, "bench_halving", cache, [*job, *grid], halving)
         grid_wall = sweep(folder, "bench_grid", cache, [*job, *grid], [])
         client = mlflow.MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
         full, halved = job_runs(client, "bench_grid"), job_runs(client, "bench_halving")
@@ -185,7 +190,7 @@ def main() -> None:
     print(
         f"{opts.experiment or 'small default'} grid: {full['target'].nunique()} targets x up to {configs} "
         f"configurations x {seeds} seeds = {len(full)} jobs, "
-        f"{opts.epochs} epochs; halving: eta 3, rungs {rung_budgets(1, 3, opts.epochs)} epochs"
+        f"{opts.epochs} epochs; halving: eta 3, rungs {rung_budgets(opts.min_budget, 3, opts.epochs)} epochs"
     )
     print("\n| target | grid winner (mean test %) | halving's pick (mean test %) | pick's rank in the grid | verdict |")
     print("|---|---|---|---|---|")

@@ -55,26 +55,28 @@ def saved_weights(name: str, path: Path) -> tuple[Path, dict[str, torch.Tensor]]
     return path, state
 
 
-def backbone_cfg(name: str, weights: str, channels: int = 4):
-    cfg = compose_config([f"backbone.name={name}", f"backbone.weights={weights}", f"data.channels={channels}"])
+def backbone_cfg(name: str, weights: str, channels: int = 4, *extra: str):
+    cfg = compose_config([f"backbone.name={name}", f"backbone.weights={weights}", f"data.channels={channels}", *extra])
     return cfg.backbone
 
 
 # --- the first conv, by timm's rule ------------------------------------------------------------
 
 
-FIRST_CONVS = [  # one per family: resnet, mobilenetv3, convnext, regnet (lite0: the wheel test below)
+FIRST_CONVS = [  # one per family: resnet, mobilenetv3, convnext, regnet, vit (lite0: the wheel test below)
     ("test_resnet", "conv1.0"),
     ("mobilenetv3_small_050", "conv_stem"),
     ("test_convnext", "stem.0"),
     ("regnetx_002", "stem.conv"),
+    ("test_vit", "patch_embed.proj"),
 ]
 
 
 @pytest.mark.parametrize(("name", "conv"), FIRST_CONVS)
 def test_four_channel_first_conv_repeats_the_rgb_filters_scaled_by_three_quarters(tmp_path, name, conv):
     path, state = saved_weights(name, tmp_path / "w.safetensors")
-    model = create_backbone(backbone_cfg(name, str(path))).model
+    # at the model's own input size: a ViT at another size also resamples its position embedding
+    model = create_backbone(backbone_cfg(name, str(path), 4, "backbone.input_size=null")).model
     rgb = state[f"{conv}.weight"]
     expected = torch.cat([rgb, rgb[:, :1]], dim=1) * 0.75  # channels R, G, B, R, each x 3/4
     assert torch.allclose(model.get_submodule(conv).weight, expected)
@@ -82,7 +84,10 @@ def test_four_channel_first_conv_repeats_the_rgb_filters_scaled_by_three_quarter
     assert all(torch.equal(v, state[k]) for k, v in others.items())  # nothing else changed
 
 
-@pytest.mark.parametrize("name", ["test_resnet", "resnet10t", "mobilenetv3_small_050", "test_convnext", "regnetx_002"])
+FAMILIES = ["test_resnet", "resnet10t", "mobilenetv3_small_050", "test_convnext", "regnetx_002", "test_vit"]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
 def test_the_fourth_channel_changes_the_output(tmp_path, name):
     path, _ = saved_weights(name, tmp_path / "w.safetensors")
     model = create_backbone(backbone_cfg(name, str(path))).model.eval()
