@@ -150,22 +150,31 @@ class EpochCheckpoint(pl.Callback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._restored = state_dict  # applied once the loaders exist
+        """The global RNGs now: Lightning restores callbacks before `configure_optimizers`, whose
+        `estimated_stepping_batches` builds the first train iterator, and building one draws its
+        base seed from the global torch RNG, as every later epoch's does in an unbroken run; the
+        sampler and the timer once the loaders exist (on_train_start)."""
+        self._restored = state_dict
+        self._restore_rng(state_dict)
 
     def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         state, self._restored = self._restored, None
         if state is None:
             return
-        torch.set_rng_state(state["torch"])
-        random.setstate(_as_tuple(state["python"]))
-        name, keys, pos, has_gauss, cached = state["numpy"]
-        np.random.set_state((name, keys.numpy(), pos, has_gauss, cached))
         generator = _sampler_generator(trainer.train_dataloader)
         if generator is not None and state["sampler"] is not None:
             generator.set_state(state["sampler"])
         self.timer.seconds = float(state["timer"]["seconds"])
         self.timer.samples = int(state["timer"]["samples"])
         self.timer.eval_samples = int(state["timer"]["eval_samples"])
+
+    @staticmethod
+    def _restore_rng(state: dict[str, Any]) -> None:
+        """The global RNGs as they were at the saved epoch end (augmentation draws from them)."""
+        torch.set_rng_state(state["torch"])
+        random.setstate(_as_tuple(state["python"]))
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, keys.numpy(), pos, has_gauss, cached))
 
 
 def job_checkpoint(cfg: DictConfig, config_hash: str, role: str) -> JobCheckpoint:
