@@ -39,6 +39,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
 
+from transferlab.config import compose_config
 from transferlab.studies.halving import rung_budgets
 from transferlab.studies.stats import paired_p, verdict
 from transferlab.tags import target_label
@@ -109,9 +110,11 @@ def pretrain_sources(folder: Path, cache: Path, job: list[str], grid: dict[str, 
     key = next((k for k in ("backbone.name", "backbone") if k in grid), None)
     for value in grid.get(key, [None]):
         chosen = [f"{key}={value}"] if value else []
+        if str(compose_config([*job, *chosen]).backbone.weights) != "source":  # ImageNet weights: no source
+            continue
         cmd = [sys.executable, "-m", "transferlab", "pretrain", *job, *chosen, f"cache_dir={cache}"]
         done = subprocess.run(cmd, cwd=folder, env=_env(folder), capture_output=True, text=True)
-        if done.returncode != 0 and "weights=source" not in done.stderr:  # an ImageNet backbone has no source
+        if done.returncode != 0:
             raise SystemExit(f"pretrain {chosen} failed:\n{done.stderr[-3000:]}")
 
 

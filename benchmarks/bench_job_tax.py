@@ -132,8 +132,9 @@ def same_work_loop(cfg) -> float:
             optimizer.step()
             schedule.step()
             module.train_acc.update(logits.detach(), y)
-            loss_sum, seen = loss_sum + float(loss) * len(y), seen + len(y)
-        module.train_acc.compute(), module.train_acc.reset()
+            loss_sum, seen = loss_sum + float(loss.detach()) * len(y), seen + len(y)
+        module.train_acc.compute()  # the epoch value, as the job logs it
+        module.train_acc.reset()
         module.eval()
         val_loss, seen = 0.0, 0
         with torch.no_grad():
@@ -141,7 +142,8 @@ def same_work_loop(cfg) -> float:
                 logits = module(x)
                 val_loss, seen = val_loss + float(torch.nn.functional.cross_entropy(logits, y)) * len(y), seen + len(y)
                 module.val_acc.update(logits, y)
-        module.val_acc.compute(), module.val_acc.reset()
+        module.val_acc.compute()  # the epoch value, as the job logs it
+        module.val_acc.reset()
         if val_loss / seen < best_loss:
             best_loss, best = val_loss / seen, {k: v.detach().clone() for k, v in module.state_dict().items()}
     module.load_state_dict(best)
