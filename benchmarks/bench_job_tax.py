@@ -98,7 +98,7 @@ def _built(cfg):
     from transferlab.transfer.stages import map_stages
 
     backbone = create_backbone(cfg.backbone)
-    spec = input_spec(backbone.model, cfg.backbone)
+    spec = input_spec(backbone.model, cfg.backbone, cfg.data)
     data = build_datamodule(cfg.data, spec, int(cfg.seed), cache_dir=cfg.cache_dir)
     stages = map_stages(backbone.model)
     module = TransferModule(

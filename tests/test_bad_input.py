@@ -48,6 +48,14 @@ def _folder(tmp: Path, extra: str | None = None) -> list[str]:
     return [*JOB, "data=imagefolder", f"data.root={tmp / 'imgs'}"]
 
 
+def _rgba_folder(tmp: Path, overrides: list[str]) -> list[str]:
+    for name in ("a", "b"):
+        (tmp / "rgba" / name).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(np.full((20, 20, 4), 40 * i, dtype=np.uint8), "RGBA").save(tmp / "rgba" / name / f"{i}.png")
+    return [*JOB, "data=imagefolder", f"data.root={tmp / 'rgba'}", "data.channels=4", *overrides]
+
+
 def _other_arch(tmp: Path) -> list[str]:
     save_file(timm.create_model("resnet10t", num_classes=0).state_dict(), str(tmp / "resnet10t.safetensors"))
     return [*DIGITS, f"backbone.weights={tmp / 'resnet10t.safetensors'}"]
@@ -86,6 +94,14 @@ TABLE = [
     ("empty class folder", "train", lambda tmp: _folder(tmp, "empty"), "is empty", "add images"),
     ("unreadable image", "train", lambda tmp: _folder(tmp, "broken"), "bad.png", "skip_corrupt=true"),
     ("non-image file", "train", lambda tmp: _folder(tmp, "text"), "notes.txt", "skip_corrupt=true"),
+    (
+        "extra-channel stats of the wrong length",
+        "train",
+        lambda tmp: _rgba_folder(tmp, ["data.extra_mean=[0.4,0.1]"]),
+        "data.extra_mean has 2 value(s) but the input has 1 channel(s) beyond RGB",
+        "give 1 value(s)",
+    ),
+    ("extra-channel std of 0", "train", [*DIGITS, "data.extra_std=[0]"], "data.extra_std=[0] is invalid", "> 0"),
     ("missing weights file", "train", [*DIGITS, "backbone.weights=nope.safetensors"], "does not exist", ".safetensors"),
     ("checkpoint of another architecture", "train", _other_arch, "do not fit", "check backbone.name"),
     ("crafted pickle checkpoint", "train", _pickle, "cannot be loaded safely", "use a .safetensors file"),

@@ -132,6 +132,22 @@ def test_extra_channel_statistics_are_the_mean_of_the_rgb_ones():
     assert spec.std == pytest.approx((*std, sum(std) / 3))
 
 
+def test_extra_channel_statistics_can_be_set_by_the_data_and_leave_rgb_alone(tmp_path):
+    root = rgba_folder(tmp_path / "rgba", size=16)  # alpha is 0 or 255, nothing in between
+    batches = {}
+    for name, extra in [("default", []), ("set", ["data.extra_mean=[0.25]", "data.extra_std=[0.5]"])]:
+        cfg = compose_config(
+            ["backbone.name=resnet10t", "backbone.input_size=16", "data.crop_pct=1.0", "data.augment=none"]
+            + ["data=imagefolder", f"data.root={root}", "data.channels=4", *extra]
+        )
+        spec = input_spec(timm.create_model("resnet10t", num_classes=0, in_chans=4), cfg.backbone, cfg.data)
+        batches[name], _ = next(iter(build_datamodule(cfg.data, spec, seed=0).val_dataloader()))
+    assert sorted(batches["set"][:, 3].unique().tolist()) == [-0.5, 1.5]  # (0 - 0.25) / 0.5, (1 - 0.25) / 0.5
+    mean, std = (0.485 + 0.456 + 0.406) / 3, (0.229 + 0.224 + 0.225) / 3  # the default: RGB averages
+    assert batches["default"][:, 3].unique().tolist() == pytest.approx([-mean / std, (1 - mean) / std])
+    assert torch.equal(batches["set"][:, :3], batches["default"][:, :3])
+
+
 def test_a_first_conv_that_cannot_be_adapted_is_one_line(tmp_path):
     model = timm.create_model("test_resnet", num_classes=0, in_chans=4)
     state = {k: v.clone() for k, v in timm.create_model("test_resnet", num_classes=0).state_dict().items()}
@@ -283,8 +299,11 @@ def test_in_chans_follows_data_channels_and_three_keeps_old_hashes():
     default = compose_config([])
     assert default.backbone.in_chans == 3
     without = OmegaConf.to_container(default, resolve=True)
-    del without["data"]["channels"]
+    for field in ("channels", "extra_mean", "extra_std"):  # fields added after runs were stored
+        del without["data"][field]
     assert config_hash(OmegaConf.create(without)) == config_hash(default)  # stored runs keep their hash
+    four = compose_config(["data.channels=4"])
+    assert config_hash(compose_config(["data.channels=4", "data.extra_mean=[0.4]"])) != config_hash(four)
 
 
 def test_a_source_model_for_four_channels_trains_on_its_own_data_channels():

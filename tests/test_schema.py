@@ -42,6 +42,8 @@ OUT_OF_RANGE = {
     "data.num_workers": "-1",
     "data.split_seed": "-1",
     "data.channels": "0",
+    "data.extra_mean": "[]",
+    "data.extra_std": "[0.2,-1]",
 }
 
 

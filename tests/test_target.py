@@ -73,6 +73,7 @@ TABLE = [
     ("student weights of another architecture", "train", _student_of_another_arch, "do not fit"),
     ("teacher of another class count", "train", _teacher_of_other_classes, "the teacher predicts 7 classes"),
     ("unwritable cache folder", "train", _unwritable_cache, "cache_dir"),
+    ("extra-channel stats on RGB data", "train", lambda tmp: ["data.extra_mean=[0.4]"], "0 channel(s) beyond RGB"),
     ("bad value in a sweep", "train", lambda tmp: ["-m", "data.samples_per_class=5,100000"], "has only"),
     ("advise on an unknown class", "advise", lambda tmp: ["data.classes=[cat,unicorn]"], "unicorn"),
 ]

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from transferlab.errors import ConfigError
 from transferlab.transfer.names import OPTIMIZERS, SCHEDULES
@@ -38,6 +38,12 @@ def _int(low: int, example: int, nullable: bool = False) -> Field:
 
 def _float(rule: str, ok: Callable[[float], bool], example: float, nullable: bool = False) -> Field:
     return Field(float, lambda v: math.isfinite(v) and ok(v), rule, str(example), nullable)
+
+
+def _numbers(rule: str, ok: Callable[[float], bool], example: str) -> Field:
+    """A list of numbers (one per channel beyond RGB), or null."""
+    fits = lambda v: all(_typed(x, float) and math.isfinite(x) and ok(x) for x in v)  # noqa: E731
+    return Field(object, lambda v: isinstance(v, ListConfig | list) and bool(v) and fits(v), rule, example, True)
 
 
 def _depth() -> Field:
@@ -81,6 +87,8 @@ FIELDS: dict[str, Field] = {
     "data.num_workers": _int(0, 0, nullable=True),
     "data.split_seed": _int(0, 0),
     "data.channels": _int(1, 4),
+    "data.extra_mean": _numbers("a list of numbers, one per channel beyond RGB", lambda v: True, "[0.5]"),
+    "data.extra_std": _numbers("a list of numbers > 0, one per channel beyond RGB", lambda v: v > 0, "[0.25]"),
 }
 
 

@@ -75,6 +75,17 @@ def data_channels(cfg: DictConfig) -> int:
     return int(cfg.get("channels", 3))
 
 
+def extra_channel_stats(cfg: DictConfig | None) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
+    """(`data.extra_mean`, `data.extra_std`), read here only: the normalisation of each channel
+    beyond RGB (alpha, depth, ...); None where unset, or in configs stored before the fields."""
+
+    def read(key: str) -> tuple[float, ...] | None:
+        value = None if cfg is None else cfg.get(key)
+        return None if value is None else tuple(float(v) for v in value)
+
+    return read("extra_mean"), read("extra_std")
+
+
 def check_array_channels(found: SourceData, channels: int, source: str) -> None:
     """An array source must hold `channels` channels; one channel fits 3 (repeated, as before)."""
     have = found.images.shape[1]

@@ -148,7 +148,7 @@ def fit_and_test(
 def build(cfg: DictConfig, checkpoint: Path | None, teacher: TeacherWeights | None) -> Job:
     """Backbone with its weights, data, the route's module, and the phases it will train."""
     backbone = create_backbone(cfg.backbone, checkpoint, cfg.cache_dir)
-    spec = input_spec(backbone.model, cfg.backbone)
+    spec = input_spec(backbone.model, cfg.backbone, cfg.data)
     data = build_datamodule(cfg.data, spec, int(cfg.seed), cache_dir=cfg.cache_dir)
     module, route_tags = build_module(cfg, backbone.model, spec, data.num_classes, teacher)
     speed.apply_speedups(module, data, cfg.trainer)

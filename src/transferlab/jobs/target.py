@@ -29,7 +29,7 @@ def check_target(cfg: DictConfig) -> dict[str, int]:
     backbone and the prepared-data store (decoded once, reused by the job) -> images per split."""
     model = build_model(cfg.backbone, pretrained=False)
     validate_stages(cfg, model)
-    spec = input_spec(model, cfg.backbone)
+    spec = input_spec(model, cfg.backbone, cfg.data)
     cache = Path(str(cfg.cache_dir))  # as the job reads it, so the store built here is the job's
     check_writable(cache, "cache_dir", "or set cache_dir to a writable folder")
     weights = str(cfg.backbone.weights)

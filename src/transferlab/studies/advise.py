@@ -127,7 +127,7 @@ def prepare_data(cfg: DictConfig) -> float:
     """Decode the target into the prepared-data store, as the sweep's first job would (its jobs
     then reuse it), so advise's own time is its scoring. -> seconds taken (~0 once prepared)."""
     start = time.perf_counter()
-    spec = input_spec(build_model(cfg.backbone, pretrained=False), cfg.backbone)
+    spec = input_spec(build_model(cfg.backbone, pretrained=False), cfg.backbone, cfg.data)
     build_datamodule(cfg.data, spec, int(cfg.seed), cache_dir=cfg.cache_dir)  # the store the sweep reuses
     return time.perf_counter() - start
 
@@ -142,7 +142,7 @@ def stage_features(
     torch.manual_seed(int(cfg.seed))  # random-init weights (the reference) are the same every time
     checkpoint, _ = resolve_checkpoint(cfg, train=run)  # may train the source model first
     backbone = create_backbone(cfg.backbone, checkpoint, cfg.cache_dir).model
-    data = build_datamodule(cfg.data, input_spec(backbone, cfg.backbone), int(cfg.seed))
+    data = build_datamodule(cfg.data, input_spec(backbone, cfg.backbone, cfg.data), int(cfg.seed))
     found = extract_stage_features(cfg, backbone, map_stages(backbone), data, ("train", "val"))
     order = [n for n in map_stages(build_model(cfg.backbone, pretrained=False)).names if n in found["train"].features]
     feats = {split: {n: np.asarray(fs.features[n], dtype=np.float64) for n in order} for split, fs in found.items()}

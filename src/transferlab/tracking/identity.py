@@ -42,7 +42,12 @@ TRAINING_SEMANTICS = 3
 
 # Fields added after runs were stored, at the value that computes exactly what older configs did:
 # left out of the hash, so stored runs, resume states and cached source models keep their keys.
-HASH_NEUTRAL: dict[str, object] = {"finetune.head_solver": "sgd", "data.channels": 3}
+HASH_NEUTRAL: dict[str, object] = {
+    "finetune.head_solver": "sgd",
+    "data.channels": 3,
+    "data.extra_mean": None,
+    "data.extra_std": None,
+}
 
 
 # Fields that say how far one invocation of a job goes, not what the job computes: a halving

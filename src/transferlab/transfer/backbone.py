@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from timm.models import adapt_input_conv, load_state_dict
 
 from transferlab.data import InputSpec
+from transferlab.data.base import extra_channel_stats
 from transferlab.errors import ConfigError
 from transferlab.preflight import HUB_FIX, ensure_hub_or_offline
 from transferlab.transfer.imagenet import has_wheel_weights, imagenet_weights, wheel_file
@@ -183,20 +184,31 @@ def adapt_first_conv(model: torch.nn.Module, state: dict[str, torch.Tensor], lab
         state[name] = adapted
 
 
-def input_spec(model: torch.nn.Module, cfg: DictConfig) -> InputSpec:
-    """Size and normalisation from the backbone's pretrained data config, fitted to in_chans."""
+def input_spec(model: torch.nn.Module, cfg: DictConfig, data: DictConfig | None = None) -> InputSpec:
+    """Size and normalisation from the backbone's pretrained data config, fitted to in_chans;
+    channels beyond RGB take `data.extra_mean` / `data.extra_std` where the data sets them."""
     data_cfg = timm.data.resolve_model_data_config(model)
     size = int(cfg.input_size or data_cfg["input_size"][-1])
     chans = int(cfg.in_chans)
-    mean, std = _fit(tuple(data_cfg["mean"]), chans), _fit(tuple(data_cfg["std"]), chans)
+    extra_mean, extra_std = extra_channel_stats(data)
+    mean = _fit(tuple(data_cfg["mean"]), chans, extra_mean, "data.extra_mean")
+    std = _fit(tuple(data_cfg["std"]), chans, extra_std, "data.extra_std")
     interpolation = data_cfg.get("interpolation", "bilinear")
     return InputSpec(size, chans, mean, std, interpolation, float(data_cfg.get("crop_pct", 1.0)))
 
 
-def _fit(values: tuple[float, ...], chans: int) -> tuple[float, ...]:
+def _fit(values: tuple[float, ...], chans: int, extra: tuple[float, ...] | None, field: str) -> tuple[float, ...]:
     """Greyscale gets the average of the RGB statistics; extra channels (alpha, depth, ...) get
-    that average appended, so the pretrained RGB normalisation stays as it was."""
+    `extra` (one value per channel beyond RGB) or else that average, appended, so the pretrained
+    RGB normalisation stays as it was."""
+    beyond = max(0, chans - len(values))
+    if extra is not None and len(extra) != beyond:
+        fix = f"give {beyond} value(s)" if beyond else "set data.channels to the images' channel count"
+        raise ConfigError(
+            f"{field} has {len(extra)} value(s) but the input has {beyond} channel(s) beyond RGB "
+            f"(backbone.in_chans={chans}): {fix}, or set {field}=null"
+        )
     average = sum(values) / len(values)
     if chans <= len(values):
         return values if chans == len(values) else (average,) * chans
-    return values + (average,) * (chans - len(values))
+    return values + (extra or (average,) * beyond)

@@ -10,7 +10,7 @@ batch, converted to its input normalisation (Beyer et al. 2022: consistent views
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -118,7 +118,12 @@ def check_teacher_classes(out: int, num_classes: int) -> None:
 def load_teacher(weights: TeacherWeights, student: InputSpec, num_classes: int) -> tuple[Teacher, dict[str, str]]:
     """The resolved teacher, checked to predict the target's classes."""
     model, features = _build_classifier(weights.backbone, weights.path)
-    teacher = Teacher(model, student, input_spec(features, weights.backbone))
+    own = input_spec(features, weights.backbone)
+    # Channels beyond RGB are the data's (data.extra_mean/std), not the backbone's: the teacher
+    # sees them normalised as the student does (a trained teacher was trained on this data).
+    if own.in_chans == student.in_chans > 3:
+        own = replace(own, mean=own.mean[:3] + student.mean[3:], std=own.std[:3] + student.std[3:])
+    teacher = Teacher(model, student, own)
     with torch.no_grad():
         out = teacher(torch.zeros(2, student.in_chans, student.size, student.size)).shape[-1]
     check_teacher_classes(out, num_classes)
