@@ -35,6 +35,7 @@ def test_ctrl_c_and_sigterm_inside_a_fit_mark_the_job_killed_not_failed() -> Non
 
 class _Trainer:
     current_epoch = 3
+    num_training_batches = 20
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
@@ -43,6 +44,22 @@ def test_non_finite_loss_fails_the_job(bad: float) -> None:
     guard.on_train_batch_end(_Trainer(), torch.nn.Linear(1, 1), {"loss": torch.tensor(0.5)}, None, 0)
     with pytest.raises(NonFiniteLoss, match="at epoch 3, batch 7: lower optim.lr"):
         guard.on_train_batch_end(_Trainer(), torch.nn.Linear(1, 1), {"loss": torch.tensor(bad)}, None, 7)
+
+
+def test_a_deferred_check_names_the_first_bad_batch_when_it_reads_back() -> None:
+    # What an accelerator runs (every 50 steps there): no host read until the check's step.
+    guard, net, losses = FailOnNonFiniteLoss(every=5), torch.nn.Linear(1, 1), [0.5, 0.4, math.nan, 0.3, math.inf]
+    for i, loss in enumerate(losses[:4]):
+        guard.on_train_batch_end(_Trainer(), net, {"loss": torch.tensor(loss)}, None, i)  # not yet read
+    with pytest.raises(NonFiniteLoss, match="training loss is nan at epoch 3, batch 2: lower optim.lr"):
+        guard.on_train_batch_end(_Trainer(), net, {"loss": torch.tensor(losses[4])}, None, 4)
+    clean = FailOnNonFiniteLoss(every=5)
+    for i in range(10):  # finite losses pass every check
+        clean.on_train_batch_end(_Trainer(), net, {"loss": torch.tensor(1.0 / (i + 1))}, None, i)
+    late = FailOnNonFiniteLoss(every=50)
+    late.on_train_batch_end(_Trainer(), net, {"loss": torch.tensor(math.inf)}, None, 18)
+    with pytest.raises(NonFiniteLoss, match="is inf at epoch 3, batch 18"):  # the epoch's last batch reads
+        late.on_train_batch_end(_Trainer(), net, {"loss": torch.tensor(0.1)}, None, 19)
 
 
 def test_ui_links_open_the_runs_view() -> None:

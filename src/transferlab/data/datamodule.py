@@ -207,6 +207,7 @@ class TransferDataModule(pl.LightningDataModule):
         self.augment = augment
         self.augment_on = augment_on
         self.memory_format = torch.contiguous_format  # the runner sets channels_last
+        self._transforms: dict[tuple, BatchTransform] = {}
         self.subset_hash = subset_hash
         self.skipped = skipped
         self.train_indices = train_indices  # source indices of the train subset (hashed above)
@@ -233,7 +234,11 @@ class TransferDataModule(pl.LightningDataModule):
         return json.dumps(rows, ensure_ascii=False, indent=1)
 
     def transform(self, train: bool) -> BatchTransform:
-        return BatchTransform(self.spec, self.augment if train else "none", self.memory_format)
+        """One per mode, kept: its normalisation statistics reach the device once, not per batch."""
+        key = (self.spec, self.augment if train else "none", self.memory_format)
+        if key not in self._transforms:
+            self._transforms[key] = BatchTransform(*key)
+        return self._transforms[key]
 
     def on_device(self) -> bool:
         """Whether the float work runs after the transfer: `device`, or `auto` with an accelerator."""

@@ -86,6 +86,13 @@ AUGMENT_PRESETS = tuple(PRESETS)
 _GRID_MODE = {"nearest": "nearest", "bicubic": "bicubic"}  # anything else: bilinear
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small CPU tensor onto `device` without waiting for it: a blocking copy to a GPU waits for
+    every kernel queued before it (a host sync per batch); the non-blocking one returns once the
+    bytes are staged, so the values are the same."""
+    return t if t.device == device else t.to(device, non_blocking=True)
+
+
 def _uniform(n: int, low: float, high: float) -> torch.Tensor:
     return torch.empty(n).uniform_(low, high)
 
@@ -108,7 +115,7 @@ def random_crop_affine(x: torch.Tensor, p: AugmentPreset, interpolation: str, si
     cos, sin = angle.cos(), angle.sin()
     theta = torch.stack([torch.stack([cos * w, -sin * h, cx], 1), torch.stack([sin * w, cos * h, cy], 1)], 1)
     out = [b, x.shape[1], size or x.shape[2], size or x.shape[3]]
-    grid = F.affine_grid(theta.to(x.device, x.dtype), out, align_corners=False)
+    grid = F.affine_grid(to_device(theta, x.device).to(x.dtype), out, align_corners=False)
     mode = _GRID_MODE.get(interpolation, "bilinear")
     return F.grid_sample(x, grid, mode=mode, padding_mode="zeros", align_corners=False)
 
@@ -123,7 +130,7 @@ def random_erase(x: torch.Tensor, p: float, area=(0.02, 0.2), ratio=(0.3, 3.3)) 
     top = (torch.rand(b) * (height - eh + 1)).long()
     left = (torch.rand(b) * (width - ew + 1)).long()
     chosen = torch.rand(b) < p
-    top, left, eh, ew, chosen = (t.to(x.device) for t in (top, left, eh, ew, chosen))
+    top, left, eh, ew, chosen = (to_device(t, x.device) for t in (top, left, eh, ew, chosen))
     rows, cols = torch.arange(height, device=x.device), torch.arange(width, device=x.device)
     in_r = (rows[None] >= top[:, None]) & (rows[None] < (top + eh)[:, None])
     in_c = (cols[None] >= left[:, None]) & (cols[None] < (left + ew)[:, None])
@@ -154,6 +161,7 @@ class BatchTransform:
         self.memory_format = memory_format
         self.mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(spec.std, dtype=torch.float32).view(1, -1, 1, 1)
+        self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # per device, copied once
 
     def __call__(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = batch
@@ -168,7 +176,10 @@ class BatchTransform:
             x = center_crop(x, self.spec.size)
         if x.shape[1] == 1 and self.spec.in_chans == 3:
             x = x.expand(-1, 3, -1, -1)
-        x = (x - self.mean.to(x.device)) / self.std.to(x.device)
+        if x.device not in self._stats:
+            self._stats[x.device] = (self.mean.to(x.device), self.std.to(x.device))
+        mean, std = self._stats[x.device]
+        x = (x - mean) / std
         if self.preset is not None and self.preset.erase_p > 0:
             x = random_erase(x, self.preset.erase_p)
         return x.contiguous(memory_format=self.memory_format)

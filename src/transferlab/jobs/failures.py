@@ -35,15 +35,42 @@ class NonFiniteLoss(TransferlabError):
 
 
 class FailOnNonFiniteLoss(pl.Callback):
-    """Fail the job at the first NaN/inf loss instead of training on garbage for hours."""
+    """Fail the job at the first NaN/inf loss instead of training on garbage for hours.
+
+    Reading a GPU value on the host waits for every queued kernel, so a check each step would
+    stall the step queue: on an accelerator the first bad batch and its loss are recorded on the
+    device and read every `every` steps and at each epoch's last batch (before its validation).
+    On the CPU nothing is queued, so it reads every step. The error names the first bad batch."""
+
+    def __init__(self, every: int | None = None) -> None:
+        self.every = every
+        self._first: torch.Tensor | None = None  # on the device: [batch index or -1, its loss]
 
     def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, outputs, batch, batch_idx) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        if loss is not None and not bool(torch.isfinite(loss.detach()).all()):
-            epoch = getattr(module, "epoch_offset", 0) + trainer.current_epoch
-            raise NonFiniteLoss(
-                f"training loss is {float(loss)} at epoch {epoch}, batch {batch_idx}: lower optim.lr or check the data"
-            )
+        if loss is None:
+            return
+        loss = loss.detach().float().reshape(())
+        every = self.every or (1 if loss.device.type == "cpu" else 50)
+        if every == 1:
+            if not bool(torch.isfinite(loss)):
+                self._fail(trainer, module, batch_idx, float(loss))
+            return
+        first = self._first if self._first is not None else torch.full((2,), -1.0, device=loss.device)
+        record = ~torch.isfinite(loss) & (first[0] < 0)
+        self._first = torch.where(record, torch.stack([torch.full_like(loss, batch_idx), loss]), first)
+        if (batch_idx + 1) % every == 0 or batch_idx + 1 >= trainer.num_training_batches:
+            bad_batch, bad_loss = self._first.tolist()  # the one read back
+            self._first = None
+            if bad_batch >= 0:
+                self._fail(trainer, module, int(bad_batch), bad_loss)
+
+    @staticmethod
+    def _fail(trainer: pl.Trainer, module: pl.LightningModule, batch_idx: int, loss: float) -> None:
+        epoch = getattr(module, "epoch_offset", 0) + trainer.current_epoch
+        raise NonFiniteLoss(
+            f"training loss is {loss} at epoch {epoch}, batch {batch_idx}: lower optim.lr or check the data"
+        )
 
 
 def report_failure(err: BaseException) -> tuple[str, str]:
