@@ -5,6 +5,9 @@
 2. A sweep of SWEEP_JOBS jobs of the CLI in one process (the basic launcher): for each job,
    seconds from Hydra calling the task body to the first training step, and for the first job also
    from process start. Later jobs pay no import: what is left is the job's own set-up (their median).
+3. One more job in a fresh process after that sweep (data store and MLflow store already made), as
+   a launcher that starts a process per job (submitit, Ray, local_ddp) runs every job: process
+   start to first training step, and the part of it that is importing torch and Lightning.
 
 Run: `.venv/bin/python benchmarks/bench_startup.py` (about 1 min); it prints a markdown table.
 """
@@ -44,6 +47,7 @@ from transferlab.cli import main
 from transferlab.jobs import task
 from transferlab.transfer.module import TransferModule
 
+imported = time.perf_counter() - t0  # torch, Lightning, timm, torchmetrics: the job's own imports
 marks = []
 run_job, training_step = task.run_job, TransferModule.training_step
 
@@ -57,7 +61,7 @@ def timed_step(self, *args, **kwargs):
 
 task.run_job, TransferModule.training_step = timed_job, timed_step
 code = main(sys.argv[1:])
-print("TIMES " + json.dumps({"code": code, "jobs": marks}))
+print("TIMES " + json.dumps({"code": code, "jobs": marks, "imported": imported}))
 """
 
 
@@ -75,14 +79,14 @@ def time_cli(argv: list[str], cwd: Path) -> tuple[float, bool]:
     return statistics.median(times), torch
 
 
-def time_sweep(cwd: Path) -> list[dict]:
+def time_jobs(cwd: Path, args: list[str]) -> dict:
+    """{"jobs": per-job marks, "imported": seconds to import the job's modules} of one CLI process."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}"}
-    args = ["train", "-m", *FAST, "study=startup", "seed=" + ",".join(map(str, range(SWEEP_JOBS)))]
     out = subprocess.run([sys.executable, "-c", TIMED_SWEEP, *args], cwd=cwd, env=env, capture_output=True, text=True)
     line = next((x for x in out.stdout.splitlines() if x.startswith("TIMES ")), None)
     if line is None:
         raise SystemExit(out.stderr[-3000:])
-    return json.loads(line[len("TIMES ") :])["jobs"]
+    return json.loads(line[len("TIMES ") :])
 
 
 def main() -> None:
@@ -92,13 +96,20 @@ def main() -> None:
         for name, argv in CASES.items():
             seconds, torch = time_cli(argv, cwd)
             print(f"| {name} (median of {REPEATS}) | {seconds:.2f} | {'yes' if torch else 'no'} |")
-        jobs = time_sweep(cwd)
+        sweep = ["train", "-m", *FAST, "study=startup", "seed=" + ",".join(map(str, range(SWEEP_JOBS)))]
+        jobs = time_jobs(cwd, sweep)["jobs"]
         first, later = jobs[0], [j["first_step"] - j["start"] for j in jobs[1:]]
         print(f"| sweep job 1: process start to first training step | {first['first_step']:.2f} | yes |")
         print(f"| sweep job 1: task body to first training step | {first['first_step'] - first['start']:.2f} | yes |")
         each = " / ".join(f"{t:.2f}" for t in later)
         name = f"sweep jobs 2-{len(jobs)}: task body to first training step, median ({each})"
         print(f"| {name} | {statistics.median(later):.2f} | - |")
+        fresh = time_jobs(cwd, ["train", *FAST, "study=startup", f"seed={SWEEP_JOBS}"])
+        step, imported = fresh["jobs"][0]["first_step"], fresh["imported"]
+        name = "one more job in a fresh process (store and MLflow made): process start to first step"
+        print(f"| {name} | {step:.2f} | yes |")
+        name = "... of which importing the job's modules (torch, Lightning, timm, MLflow with them)"
+        print(f"| {name} | {imported:.2f} | yes |")
 
 
 if __name__ == "__main__":
