@@ -8,6 +8,8 @@
 3. One more job in a fresh process after that sweep (data store and MLflow store already made), as
    a launcher that starts a process per job (submitit, Ray, local_ddp) runs every job: process
    start to first training step, and the part of it that is importing torch and Lightning.
+4. How long that process takes to end after the command returned: through `cli.entry` (the
+   installed command) and, in another fresh process, through `cli.main` alone.
 
 Run: `.venv/bin/python benchmarks/bench_startup.py` (about 1 min); it prints a markdown table.
 """
@@ -41,15 +43,15 @@ CASES = {
     "unknown group: `train backbone=nope`": ["train", "backbone=nope"],
 }
 TIMED_SWEEP = """
-import json, sys, time
+import json, os, sys, time
 t0 = time.perf_counter()
-from transferlab.cli import main
+from transferlab import cli
 from transferlab.jobs import task
 from transferlab.transfer.module import TransferModule
 
 imported = time.perf_counter() - t0  # torch, Lightning, timm, torchmetrics: the job's own imports
 marks = []
-run_job, training_step = task.run_job, TransferModule.training_step
+run_job, training_step, main = task.run_job, TransferModule.training_step, cli.main
 
 def timed_job(cfg):
     marks.append({"start": time.perf_counter() - t0})
@@ -59,9 +61,16 @@ def timed_step(self, *args, **kwargs):
     marks[-1].setdefault("first_step", time.perf_counter() - t0)
     return training_step(self, *args, **kwargs)
 
-task.run_job, TransferModule.training_step = timed_job, timed_step
-code = main(sys.argv[1:])
-print("TIMES " + json.dumps({"code": code, "jobs": marks, "imported": imported}))
+def timed_main():
+    code = main()
+    print("TIMES " + json.dumps({"code": code, "jobs": marks, "imported": imported, "returned": time.time()}))
+    sys.stdout.flush()
+    return code
+
+task.run_job, TransferModule.training_step, cli.main = timed_job, timed_step, timed_main
+sys.argv = ["transferlab", *sys.argv[1:]]
+# the command as installed (`entry`: main, then a quick exit), or `main` alone (the exit before)
+sys.exit(cli.entry() if os.environ.get("BENCH_EXIT", "entry") == "entry" else timed_main())
 """
 
 
@@ -79,14 +88,18 @@ def time_cli(argv: list[str], cwd: Path) -> tuple[float, bool]:
     return statistics.median(times), torch
 
 
-def time_jobs(cwd: Path, args: list[str]) -> dict:
-    """{"jobs": per-job marks, "imported": seconds to import the job's modules} of one CLI process."""
+def time_jobs(cwd: Path, args: list[str], exit_by: str = "entry") -> dict:
+    """{"jobs": per-job marks, "imported": seconds to import the job's modules, "exit": seconds from
+    the command's return to the process's end} of one CLI process."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}"}
+    env["BENCH_EXIT"] = exit_by
     out = subprocess.run([sys.executable, "-c", TIMED_SWEEP, *args], cwd=cwd, env=env, capture_output=True, text=True)
+    ended = time.time()
     line = next((x for x in out.stdout.splitlines() if x.startswith("TIMES ")), None)
     if line is None:
         raise SystemExit(out.stderr[-3000:])
-    return json.loads(line[len("TIMES ") :])
+    times = json.loads(line[len("TIMES ") :])
+    return {**times, "exit": ended - times["returned"]}
 
 
 def main() -> None:
@@ -110,6 +123,11 @@ def main() -> None:
         print(f"| {name} | {step:.2f} | yes |")
         name = "... of which importing the job's modules (torch, Lightning, timm, MLflow with them)"
         print(f"| {name} | {imported:.2f} | yes |")
+        before = time_jobs(cwd, ["train", *FAST, "study=startup", f"seed={SWEEP_JOBS + 1}"], exit_by="main")
+        name = "that job: from the command's return to the process's end, as installed (`cli.entry`)"
+        print(f"| {name} | {fresh['exit']:.2f} | yes |")
+        name = "the same with `cli.main` alone (the interpreter's full shutdown, as before)"
+        print(f"| {name} | {before['exit']:.2f} | yes |")
 
 
 if __name__ == "__main__":

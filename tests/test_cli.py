@@ -144,3 +144,44 @@ def test_a_grid_sweep_launches_without_composing_every_job_first(store, monkeypa
     assert main(sweep) == 0
     assert main([*sweep, "hydra/sweeper=basic"]) == 0
     assert at_start == [1, 2, 3, 4, 5, 11, 12, 13, 14, 15]  # Hydra's basic sweeper: 5 compositions first
+
+
+def test_the_command_freezes_the_collector_after_main_returns_or_raises(monkeypatch) -> None:
+    from transferlab import cli
+
+    calls: list[str] = []
+    monkeypatch.setattr(cli.gc, "freeze", lambda: calls.append("freeze"))
+    monkeypatch.setattr(cli, "main", lambda: calls.append("main") or 3)
+    assert cli.entry() == 3
+    assert calls == ["main", "freeze"]
+
+    def fails():
+        calls.append("main")
+        raise SystemExit(2)
+
+    monkeypatch.setattr(cli, "main", fails)
+    with pytest.raises(SystemExit):
+        cli.entry()
+    assert calls == ["main", "freeze", "main", "freeze"]
+
+
+def test_main_alone_never_freezes_the_collector(monkeypatch, capsys) -> None:
+    # In-process callers (these tests, notebooks) keep collecting cycles after a command.
+    from transferlab import cli
+
+    monkeypatch.setattr(cli.gc, "freeze", lambda: pytest.fail("main froze the collector"))
+    assert main(["--help"]) == 0
+    assert main(["stages", "test_resnet", "--input-size", "32"]) == 0
+
+
+def test_the_installed_command_and_python_m_go_through_entry() -> None:
+    import importlib.util
+    from pathlib import Path
+
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    scripts = tomllib.loads((root / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["transferlab"] == "transferlab.cli:entry"
+    dunder_main = importlib.util.find_spec("transferlab.__main__").origin  # found, not run
+    assert "sys.exit(entry())" in Path(dunder_main).read_text()

@@ -1,5 +1,5 @@
 import sys
 
-from transferlab.cli import main
+from transferlab.cli import entry
 
-sys.exit(main())
+sys.exit(entry())
