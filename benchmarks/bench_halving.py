@@ -40,6 +40,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from transferlab.config import compose_config
+from transferlab.jobs.upstream import uses_source
 from transferlab.studies.halving import rung_budgets
 from transferlab.studies.stats import paired_p, verdict
 from transferlab.tags import target_label
@@ -110,7 +111,7 @@ def pretrain_sources(folder: Path, cache: Path, job: list[str], grid: dict[str, 
     key = next((k for k in ("backbone.name", "backbone") if k in grid), None)
     for value in grid.get(key, [None]):
         chosen = [f"{key}={value}"] if value else []
-        if str(compose_config([*job, *chosen]).backbone.weights) != "source":  # ImageNet weights: no source
+        if not uses_source(compose_config([*job, *chosen])):  # ImageNet weights: no source
             continue
         cmd = [sys.executable, "-m", "transferlab", "pretrain", *job, *chosen, f"cache_dir={cache}"]
         done = subprocess.run(cmd, cwd=folder, env=_env(folder), capture_output=True, text=True)

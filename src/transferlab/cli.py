@@ -233,13 +233,13 @@ def _end_distributed() -> None:
 def _pretrain(args: list[str]) -> int:
     from transferlab.config import compose_config, validate
     from transferlab.jobs.run import run
-    from transferlab.jobs.upstream import ensure_source
+    from transferlab.jobs.upstream import ensure_source, uses_source
 
     args = _verbosity(args)  # epoch lines show its progress; library INFO lines only with -v
     _check_keys(args)
     cfg = compose_config(args)
     validate(cfg)
-    if str(cfg.backbone.weights) != "source":  # it would train minutes for a model no job reads
+    if not uses_source(cfg):  # it would train minutes for a model no job reads
         raise ConfigError(
             f"backbone.weights={cfg.backbone.weights}: this backbone's jobs use no source model, so there is "
             "nothing to pretrain; set backbone.weights=source to train one"

@@ -20,7 +20,7 @@ from transferlab.cache import verify
 from transferlab.config import compose_config
 from transferlab.errors import ConfigError
 from transferlab.jobs.run import run
-from transferlab.jobs.upstream import WEIGHTS, source_entry
+from transferlab.jobs.upstream import WEIGHTS, source_entry, uses_source
 from transferlab.preflight import check_store
 from transferlab.tracking.identity import HASH_NEUTRAL
 from transferlab.tracking.run import tracking_uri
@@ -129,7 +129,7 @@ def reproduce(run_id: str, uri: str | None = None) -> Reproduction:
     cfg = localize_paths(logged_config(client, run_id))
     cfg.tracking.uri = uri
     cfg.tracking.resume = False  # a rerun, not a skip
-    if cfg.backbone.weights == "source":  # the exact source weights, not today's recipe
+    if uses_source(cfg):  # the exact source weights, not today's recipe
         cfg.backbone.weights = source_weights(client, cfg, original.data.tags)
     name = f"{original.info.run_name or run_id}-repro"
     new = run(cfg, extra_tags={"reproduced_from": run_id}, run_name=name)

@@ -43,11 +43,16 @@ def is_remote(weights: str) -> bool:
     return weights.startswith(REMOTE_PREFIXES)
 
 
+def uses_source(cfg: DictConfig) -> bool:
+    """Whether `cfg`'s jobs start from a source model trained here (`backbone.weights=source`)."""
+    return str(cfg.backbone.weights) == "source"
+
+
 def resolve_checkpoint(cfg: DictConfig, train: Train) -> tuple[Path | None, dict[str, str]]:
     """Local weights file for `backbone.weights` (None: the backbone builder handles pretrained
     and scratch); may train the source model first."""
     weights = str(cfg.backbone.weights)
-    if weights == "source":
+    if uses_source(cfg):
         return ensure_source(cfg, train)
     if is_remote(weights):
         run_tags = {tags.SOURCE_RUN_ID: weights.split("/")[1]} if weights.startswith("runs:/") else {}
